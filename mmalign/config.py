@@ -1,0 +1,192 @@
+"""YAML configs bound to typed dataclasses.
+
+* ``load_config(path, overrides)`` reads YAML (``base: other.yaml`` inherits and deep-merges),
+  applies ``key.sub=value`` overrides (values parsed as YAML), and binds the result to the
+  recipe's dataclass named by the ``recipe:`` key.
+* Binding is strict: unknown keys, wrong types and missing required fields raise ``ConfigError``
+  naming the dotted path and the valid choices.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be bound; the message names the offending key path."""
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config inheritance loop through {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        data = deep_merge(load_yaml(path.parent / base, _seen + (path,)), data)
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["train.lr=1e-4", "loss.name=ipo"]`` -> nested update; values are parsed as YAML scalars."""
+    data = copy.deepcopy(data)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.path=value")
+        key, raw = ov.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {ov!r}: {p!r} is not a section")
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def bind(tp: Any, value: Any, path: str = "") -> Any:
+    """Convert ``value`` (parsed YAML) to type ``tp``, recursively and strictly."""
+    where = path or "<root>"
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return bind(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]} ({'; '.join(errors)})")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [bind(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {bind(kt, k, path): bind(vt, v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if hasattr(tp, "from_dict"):
+            return tp.from_dict(value, path)
+        return bind_dataclass(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML reads 1e-5 (no dot) as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+def bind_dataclass(cls, value: Any, path: str = ""):
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping for {cls.__name__}, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path or '<root>'}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in value:
+            kwargs[name] = bind(hints[name], value[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: required key missing ({cls.__name__})")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except ConfigError:
+            raise
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{path or '<root>'}: {e}") from e
+    return obj
+
+
+def to_dict(obj) -> Any:
+    """Dataclass -> plain YAML-able data (the inverse of ``bind``)."""
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None):
+    """Read, inherit, override and bind a recipe config; returns the recipe's dataclass instance."""
+    from mmalign.train.configs import RECIPES
+
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return config_from_dict(data, RECIPES)
+
+
+def config_from_dict(data: dict, recipes) -> Any:
+    if "recipe" not in data:
+        raise ConfigError(f"config needs a 'recipe:' key; known recipes: {sorted(recipes)}")
+    name = data["recipe"]
+    if name not in recipes:
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {sorted(recipes)}")
+    return bind(recipes[name], data)

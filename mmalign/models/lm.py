@@ -1,0 +1,165 @@
+"""Text-LM modality adapter: a causal LM and a batch -> per-sample scores for the loss core.
+
+score(y | x) = sum over completion tokens of log p(token), computed from fp32 log-softmax with the
+prompt and padding masked (the design's definition, and TRL's). Sequences are right-padded;
+position t of the shifted tensors scores ``input_ids[:, t + 1]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mmalign.paths import TINY_TOKENIZER, resolve
+
+Tensor = torch.Tensor
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, chunk: int = 8) -> Tensor:
+    """log_softmax(logits)[..., index] in fp32 without materialising the full fp32 log-prob tensor
+    for the whole batch at once (rows are processed ``chunk`` at a time)."""
+    out = []
+    for lg, ix in zip(logits.split(chunk), index.split(chunk)):
+        lg = lg.float()
+        out.append(lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+    return torch.cat(out)
+
+
+@dataclass
+class TokenLogps:
+    """Per-token completion log-probs ``[N, T-1]`` (0 outside the mask) and the shifted completion mask."""
+
+    logps: Tensor
+    mask: Tensor
+    hidden: Tensor | None = None
+    logits: Tensor | None = None
+
+    def sum(self) -> Tensor:
+        return self.logps.sum(-1)
+
+    def lengths(self) -> Tensor:
+        return self.mask.sum(-1).to(self.logps.dtype)
+
+    def mean(self) -> Tensor:
+        return self.sum() / self.lengths().clamp(min=1)
+
+
+def completion_logps(model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor,
+                     hidden: bool = False, keep_logits: bool = False, **model_kwargs) -> TokenLogps:
+    """Run ``model`` once and return completion-token log-probs (fp32)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                output_hidden_states=hidden, **model_kwargs)
+    logits = out.logits[:, :-1]
+    target = input_ids[:, 1:]
+    mask = completion_mask[:, 1:].to(torch.float32)
+    lp = selective_log_softmax(logits, target) * mask
+    h = out.hidden_states[-1][:, :-1] if hidden else None
+    return TokenLogps(lp, mask, h, logits if keep_logits else None)
+
+
+# ------------------------------------------------------------------ building models
+
+
+def load_tokenizer(name_or_path: str | None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name_or_path) if name_or_path else str(TINY_TOKENIZER))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_causal_lm(section, tokenizer=None):
+    """``section``: ``LMModelSection``. Loads ``name_or_path`` with ``from_pretrained`` (hub id or
+    local dir) or builds ``tiny`` from a config. Returns (model, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tokenizer or load_tokenizer(section.tokenizer or section.name_or_path)
+    dtype = getattr(torch, section.dtype)
+    if section.name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(resolve(section.name_or_path), dtype=dtype)
+    else:
+        spec = dict(section.tiny)
+        arch = spec.pop("arch", "gpt2")
+        spec.setdefault("vocab_size", len(tok))
+        if arch == "gpt2":
+            spec.setdefault("bos_token_id", tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+            spec.setdefault("eos_token_id", tok.eos_token_id)
+            spec.setdefault("n_positions", 512)
+        cfg = AutoConfig.for_model(arch, **spec)
+        model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    if section.dropout is not None:
+        set_dropout(model, section.dropout)
+    if section.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if section.lora is not None:
+        model = add_lora(model, section.lora)
+    return model, tok
+
+
+def set_dropout(model, p: float):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+def add_lora(model, lora):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules or "all-linear",
+                     init_lora_weights="gaussian" if lora.init == "gaussian" else True, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+# ------------------------------------------------------------------ the reference model
+
+
+class Reference:
+    """The three ways to get reference scores, which give the same loss (tested):
+
+    * ``copy``: a frozen deep copy of the initial policy (full fine-tuning)
+    * ``peft``: the policy itself with its LoRA adapters disabled (one model in memory)
+    * ``precomputed``: scores computed once before training and looked up by row index
+    """
+
+    def __init__(self, kind: str, policy, unwrap=lambda m: m):
+        self.kind = kind
+        self.unwrap = unwrap
+        self.policy = policy
+        self.model = None
+        self.table: dict[str, Tensor] = {}
+        if kind == "copy":
+            self.model = copy.deepcopy(unwrap(policy)).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        elif kind not in ("peft", "precomputed", "none"):
+            raise ValueError(f"unknown reference kind {kind!r}")
+
+    @contextlib.contextmanager
+    def context(self):
+        """Yields the module to run for reference scores (no grad)."""
+        with torch.no_grad():
+            if self.kind == "copy":
+                yield self.model
+            elif self.kind in ("peft", "precomputed"):
+                m = self.unwrap(self.policy)
+                ctx = m.disable_adapter() if hasattr(m, "disable_adapter") else contextlib.nullcontext()
+                was_training = m.training
+                m.eval()
+                try:
+                    with ctx:
+                        yield m
+                finally:
+                    m.train(was_training)
+            else:
+                raise RuntimeError("no reference model for this loss")
+
+    def lookup(self, key: str, index: Tensor) -> Tensor:
+        if key not in self.table:
+            raise RuntimeError(f"precomputed reference has no {key!r}; run precompute first")
+        return self.table[key][index.cpu()].to(index.device)

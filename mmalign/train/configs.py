@@ -1,0 +1,187 @@
+"""Typed config sections shared by every recipe, and one dataclass per recipe (``RECIPES``).
+
+Kept free of heavy imports so that loading a config (and the test that loads every shipped config)
+is fast; each recipe names its runner as ``"module:function"``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from mmalign.config import ConfigError
+from mmalign.registry import Registry
+
+RECIPES: Registry = Registry("recipe")
+
+
+@dataclass(kw_only=True)
+class LossSection:
+    """``loss: {name: dpo, beta: 0.1, ...}``: the name picks ``LOSSES[name]``; every other key is a
+    keyword hyper-parameter of that function, checked against its signature."""
+
+    name: str = "dpo"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, value, path="loss"):
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping with 'name', got {value!r}")
+        value = dict(value)
+        name = value.pop("name", "dpo")
+        params = dict(value.pop("params", {}) or {})
+        params.update(value)
+        obj = cls(name=name, params=params)
+        obj.validate(path)
+        return obj
+
+    def to_dict(self):
+        return {"name": self.name, **self.params}
+
+    @property
+    def fn(self):
+        from mmalign.losses import LOSSES
+
+        return LOSSES[self.name]
+
+    def validate(self, path="loss"):
+        try:
+            fn = self.fn
+        except KeyError as e:
+            raise ConfigError(f"{path}.name: {e.args[0]}") from None
+        sig = inspect.signature(fn)
+        allowed = {p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY}
+        # inputs the recipe supplies itself are not user hyper-parameters
+        supplied = {"chosen_lengths", "rejected_lengths", "reward_margin", "running", "gather", "kl", "shift",
+                    "mask", "sample_mask", "chosen_weights", "rejected_weights", "chosen_kl", "rejected_kl",
+                    "chosen_kl_weights", "rejected_kl_weights"}
+        bad = sorted(set(self.params) - (allowed - supplied))
+        if bad:
+            raise ConfigError(f"{path}: loss {self.name!r} has no hyper-parameter(s) {bad}; "
+                              f"it takes {sorted(allowed - supplied)}")
+        for k, v in self.params.items():
+            default = sig.parameters[k].default
+            if isinstance(default, bool):
+                ok = isinstance(v, bool)
+            elif isinstance(default, (int, float)):
+                if isinstance(v, str):
+                    try:
+                        v = self.params[k] = float(v)  # YAML reads 1e-3 (no dot) as a string
+                    except ValueError:
+                        pass
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            elif isinstance(default, str):
+                ok = isinstance(v, str)
+            else:
+                ok = True
+            if not ok:
+                raise ConfigError(f"{path}.{k}: expected {type(default).__name__} like {default!r}, got {v!r}")
+
+
+@dataclass(kw_only=True)
+class LoraSection:
+    """peft LoRA; ``r = alpha`` with gaussian init is the diffusers DPO default."""
+
+    r: int = 8
+    alpha: int = 8
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None
+    init: Literal["gaussian", "default"] = "gaussian"
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    batch_size: int = 8
+    """micro-batch per process: pairs (or lists / samples for unpaired and listwise losses)"""
+    grad_accum: int = 1
+    lr: float = 1e-5
+    scale_lr: bool = False
+    """lr_effective = lr * global batch (batch_size * grad_accum * processes), the Diffusion-DPO rule"""
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "sgd"] = "adamw"
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    nan_policy: Literal["error", "skip"] = "error"
+    """non-finite loss: 'error' stops with the step and rows named; 'skip' drops the step and counts it"""
+    max_skipped_steps: int = 10
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    """'latest' or a checkpoint directory"""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    num_workers: int = 0
+    progress: bool = True
+
+    def validate(self):
+        for k in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class LMModelSection:
+    name_or_path: Optional[str] = None
+    """hub id or local directory for AutoModelForCausalLM.from_pretrained"""
+    tiny: Optional[dict[str, Any]] = None
+    """build from a config instead, e.g. {arch: gpt2, n_layer: 2, n_embd: 64, n_head: 4}"""
+    tokenizer: Optional[str] = None
+    """defaults to name_or_path"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: Optional[LoraSection] = None
+    reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
+    """auto = peft (adapters disabled) with LoRA, else a frozen copy"""
+    gradient_checkpointing: bool = False
+    dropout: Optional[float] = 0.0
+    """override the model's dropout (DPO is usually trained with dropout off); null keeps the config's"""
+
+    def validate(self):
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ConfigError("model: set exactly one of name_or_path or tiny")
+        if self.reference == "peft" and self.lora is None:
+            raise ConfigError("model.reference=peft needs model.lora")
+
+
+@dataclass(kw_only=True)
+class TextDataSection:
+    train: str
+    """JSONL / JSON / parquet file or directory, a datasets.save_to_disk directory, or a hub dataset name"""
+    eval: Optional[str] = None
+    split: str = "train"
+    eval_split: str = "test"
+    columns: dict[str, str] = field(default_factory=dict)
+    """rename source columns to ours, e.g. {question: prompt}"""
+    max_length: int = 256
+    max_prompt_length: int = 128
+    max_eval_examples: Optional[int] = None
+
+
+@dataclass(kw_only=True)
+class LMConfig:
+    """Preference training of a causal LM (``recipe: lm``)."""
+
+    recipe: Literal["lm"] = "lm"
+    model: LMModelSection
+    data: TextDataSection
+    loss: LossSection = field(default_factory=LossSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    token_weights: Literal["mask", "sigmoid", "zn_rescale"] = "sigmoid"
+    """sparse_po only: token weights from the reference's last hidden states (MaPO), or the plain mask"""
+    token_kl: bool = True
+    """sparse_po only: include the per-token KL term d"""
+
+    runner = "mmalign.train.lm:run"
+
+
+RECIPES["lm"] = LMConfig

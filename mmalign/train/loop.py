@@ -1,0 +1,351 @@
+"""The one training loop every recipe uses (accelerate underneath: DDP / FSDP / DeepSpeed).
+
+A recipe supplies the model, the data and ``compute(batch) -> StepOutput`` (per-example loss and
+metrics); this loop owns accumulation, the shared reduction, mixed precision, gradient clipping,
+non-finite handling, logging, evaluation, checkpoints and resume.
+
+Determinism contract: the data order depends only on (seed, global batch), and recipes draw
+per-example randomness from ``example_generator(seed, step, row)``, so an interrupted-and-resumed
+run and a run on N processes see exactly the same examples and noise as one uninterrupted process.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mmalign.losses import MetricSums, backward_loss
+
+from . import checkpoint as ckpt
+from .configs import TrainSection
+
+Tensor = torch.Tensor
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised under ``nan_policy: error``; a checkpoint of the last good state is written first."""
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # [B] per-example
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # each [B]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    history: list[dict] = field(default_factory=list)
+    eval_history: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0
+    output_dir: str = ""
+    last_checkpoint: str | None = None
+
+
+def example_generator(seed: int, step: int, row: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator keyed by (seed, step, dataset row): the same example gets the same noise on
+    any number of processes and after a resume."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + row * 104_729 + salt * 15_485_863) % (2**63 - 1))
+    return g
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """Infinite batch sampler: epoch e is ``randperm(n, seed + e)``, cut into global batches of
+    ``batch_size * world`` rows (the tail that does not fill one is dropped); process ``rank`` takes
+    its contiguous slice. ``start`` skips that many per-process batches without reading data."""
+
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0, start: int = 0):
+        if n < batch_size * world:
+            raise ValueError(f"dataset has {n} rows, fewer than one global batch ({batch_size} x {world} processes)")
+        self.n, self.b, self.world, self.rank, self.seed, self.start = n, batch_size, world, rank, seed, start
+        self.per_epoch = n // (batch_size * world)
+
+    def __iter__(self):
+        i = self.start
+        while True:
+            epoch, k = divmod(i, self.per_epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.n, generator=g)
+            gb = self.b * self.world
+            while k < self.per_epoch:
+                lo = k * gb + self.rank * self.b
+                yield perm[lo: lo + self.b].tolist()
+                k += 1
+                i += 1
+
+    def __len__(self):  # pragma: no cover - infinite; DataLoader only needs iteration
+        return 2**62
+
+
+def make_accelerator(cfg: TrainSection, **kw):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = []
+    for t in cfg.report_to:
+        if t == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+                log_with.append(t)
+            except ImportError:
+                pass
+        elif t not in ("none", "jsonl"):
+            log_with.append(t)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with or None,
+                       project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
+                       **kw)
+
+
+def build_optimizer(params, cfg: TrainSection, lr: float):
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'mmalign[gpu]'") from e
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def build_scheduler(optimizer, cfg: TrainSection):
+    warm, total = cfg.warmup_steps, cfg.max_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def effective_lr(cfg: TrainSection, world: int) -> float:
+    """``scale_lr``: lr * pairs per optimiser step (Diffusion-DPO: 1e-8 * 2048 = 2.048e-5)."""
+    return cfg.lr * (cfg.batch_size * cfg.grad_accum * world if cfg.scale_lr else 1)
+
+
+def _flat_scalars(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+    return out
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Cluster pre-emption (SIGTERM) is handled like Ctrl-C: checkpoint, then stop."""
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        prev = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run ``cfg.max_steps`` optimiser steps of ``recipe`` (see module docstring)."""
+    acc = accelerator
+    world, rank = acc.num_processes, acc.process_index
+    out_dir = Path(cfg.output_dir)
+    lr = effective_lr(cfg, world)
+    optimizer = build_optimizer(recipe.trainable_parameters(), cfg, lr)
+    scheduler = build_scheduler(optimizer, cfg)
+    recipe.model, optimizer = acc.prepare(recipe.model, optimizer)
+
+    step, skipped = 0, 0
+    if cfg.resume:
+        path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume)
+        loaded = ckpt.load_checkpoint(path, rank)
+        recipe.load_trainable_state(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["state"]["scheduler"])
+        recipe.load_extra_state(loaded["state"].get("recipe", {}))
+        ckpt.set_rng_state(loaded["rng"], loaded["state"].get("rng"))
+        step, skipped = loaded["state"]["step"], loaded["state"].get("skipped_steps", 0)
+        acc.print(f"resumed from {path} at step {step}")
+
+    data = recipe.train_data
+    sampler = ResumableBatches(len(data), cfg.batch_size, world, rank, cfg.seed, start=step * cfg.grad_accum)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=data.collate,
+                                         num_workers=cfg.num_workers)
+    batches = iter(loader)
+
+    if acc.is_main_process:
+        acc.print(f"training {recipe.describe()} | lr {lr:.3g}{' (scaled)' if cfg.scale_lr else ''} | "
+                  f"global batch {cfg.batch_size * cfg.grad_accum * world} = {cfg.batch_size} x {cfg.grad_accum} "
+                  f"accum x {world} proc | {cfg.max_steps} steps")
+    if acc.log_with:
+        acc.init_trackers("mmalign", config=_flat_scalars(config or {}))
+    metrics_file = out_dir / "metrics.jsonl"
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and metrics_file.exists():
+            metrics_file.unlink()  # a fresh run starts a fresh log; a resumed one appends
+    result = TrainResult(step=step, output_dir=str(out_dir), skipped_steps=skipped)
+
+    def reduce_sum(t: Tensor) -> Tensor:
+        return acc.reduce(t.to(acc.device), reduction="sum").cpu() if world > 1 else t
+
+    def log(record: dict):
+        if acc.is_main_process:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if acc.log_with:
+            acc.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                    step=record["step"])
+
+    def save(at_step: int) -> Path:
+        path = ckpt.save_checkpoint(
+            cfg.output_dir, at_step, model_state=recipe.trainable_state(), optimizer=optimizer,
+            scheduler=scheduler, accelerator=acc, keep=cfg.keep_checkpoints,
+            state={"skipped_steps": skipped, "consumed_batches": at_step * cfg.grad_accum,
+                   "recipe": recipe.extra_state(), "config": config or {}})
+        result.last_checkpoint = str(path)
+        return path
+
+    def evaluate(at_step: int):
+        if not hasattr(recipe, "evaluate"):
+            return
+        m = recipe.evaluate(at_step)
+        if m:
+            rec = {"step": at_step, **{f"eval/{k}": v for k, v in m.items()}}
+            result.eval_history.append(rec)
+            log(rec)
+
+    if cfg.eval_every and step == 0:
+        evaluate(0)
+
+    bar = None
+    if cfg.progress and acc.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    window = MetricSums()
+    t0 = time.time()
+    try:
+        with _sigterm_as_interrupt():
+            while step < cfg.max_steps:
+                micro = [next(batches) for _ in range(cfg.grad_accum)]
+                n_global = float(reduce_sum(torch.tensor([float(sum(len(b) for b in micro))]))[0])
+                recipe.model.train()
+                bad_local = False
+                step_sums = MetricSums()
+                for i, batch in enumerate(micro):
+                    batch.to(acc.device)
+                    sync = i == len(micro) - 1
+                    with (contextlib.nullcontext() if sync else acc.no_sync(recipe.model)):
+                        with acc.autocast():
+                            out = recipe.compute(batch, step)
+                        finite = torch.isfinite(out.loss.detach())
+                        if not bool(finite.all()):
+                            rows = batch.index[~finite.to(batch.index.device)].tolist()
+                            if cfg.nan_policy == "error":
+                                save(step)  # weights are still those of the last good step
+                                raise NonFiniteLossError(
+                                    f"non-finite loss at step {step + 1}, dataset rows {rows} "
+                                    f"(process {rank}); state of step {step} saved to {result.last_checkpoint}. "
+                                    "Set train.nan_policy=skip to drop such steps.")
+                            bad_local = True
+                        acc.backward(backward_loss(out.loss, n_global, world))
+                    step_sums.add(out.metrics, out.loss)
+                grad_norm = None
+                if cfg.max_grad_norm is not None:
+                    grad_norm = acc.clip_grad_norm_(recipe.model.parameters(), cfg.max_grad_norm)
+                bad = bool(reduce_sum(torch.tensor([float(bad_local)]))[0] > 0)
+                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    if cfg.nan_policy == "error":
+                        save(step)
+                        raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; state of step "
+                                                 f"{step} saved to {result.last_checkpoint}")
+                    bad = True
+                if bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    result.skipped_steps = skipped
+                    acc.print(f"step {step + 1}: non-finite loss, step skipped ({skipped} so far)")
+                    if skipped > cfg.max_skipped_steps:
+                        raise NonFiniteLossError(f"{skipped} steps skipped for non-finite loss "
+                                                 f"(train.max_skipped_steps={cfg.max_skipped_steps})")
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # a skipped step still advances the schedule
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
+                step += 1
+                result.step = step
+                for k in step_sums.sums:
+                    window.sums[k] += step_sums.sums[k]
+                    window.counts[k] += step_sums.counts[k]
+                if hasattr(recipe, "on_step_end"):
+                    recipe.on_step_end(step)
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    m = window.means(reduce_sum)
+                    rec = {"step": step, **{f"train/{k}": v for k, v in m.items()},
+                           "train/lr": scheduler.get_last_lr()[0], "train/skipped_steps": skipped,
+                           "train/sec_per_step": (time.time() - t0) / cfg.log_every}
+                    if grad_norm is not None:
+                        rec["train/grad_norm"] = float(grad_norm)
+                    result.history.append(rec)
+                    log(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}",
+                                        acc=f"{m.get('reward_accuracy', float('nan')):.3f}")
+                    if on_step is not None:
+                        on_step(step, rec)
+                    window = MetricSums()
+                    t0 = time.time()
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    evaluate(step)
+                if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
+                    save(step)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        path = save(step)
+        acc.print(f"\ninterrupted: state of step {step} saved to {path}; continue with train.resume=latest")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if acc.log_with:
+        acc.end_training()
+    return result

@@ -1,0 +1,63 @@
+"""Train the tiny byte-level BPE tokenizer shipped in assets/tokenizers/tiny-bpe (offline, deterministic).
+
+Byte-level, so it encodes any text; its merges are learned on the toy text-preference set, the
+shapes-world prompts and captions, and a little generic English. Loads with
+``AutoTokenizer.from_pretrained("assets/tokenizers/tiny-bpe")``.
+
+    python scripts/build_tiny_tokenizer.py
+"""
+import argparse
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from mmalign.demo.world import COLORS, SHAPES
+
+GENERIC = """a an the of and or in on at to with for from by is are was were be this that these those it
+there here one two three four five six small large big tiny left right top bottom center middle picture image
+photo of showing shape object background dark light color colour please thanks yes no what which where how
+question answer describe tell me about think honestly also very quite really not good bad""".split()
+
+
+def corpus(root: Path):
+    for f in sorted((root / "assets/data/toy_prefs").glob("*.jsonl")):
+        for line in open(f):
+            r = json.loads(line)
+            for v in r.values():
+                if isinstance(v, str):
+                    yield v
+                elif isinstance(v, list):
+                    yield from (x for x in v if isinstance(x, str))
+    for c in COLORS:
+        for s in SHAPES:
+            for tmpl in ("a {c} {s}", "A {c} {s}.", "a picture of a {c} {s}", "a {s} that is {c}",
+                         "a small {c} {s} on a dark background", "a large {c} {s} in the center"):
+                yield tmpl.format(c=c, s=s)
+    yield " ".join(GENERIC)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="assets/tokenizers/tiny-bpe")
+    ap.add_argument("--vocab-size", type=int, default=768)
+    args = ap.parse_args()
+    root = Path(__file__).resolve().parents[1]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(corpus(root)) * 3, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<pad>", model_max_length=77)
+    out = root / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    print(f"saved tokenizer with {len(fast)} tokens to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The shared training loop: reduction invariance, NaN policy, interrupt + resume, checkpoints."""
+import json
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from mmalign.train import checkpoint as ckpt
+from mmalign.train.configs import TrainSection
+from mmalign.train.loop import NonFiniteLossError, ResumableBatches, train
+from tests.toy_recipe import ToyRecipe
+
+
+def cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=4, batch_size=8, lr=0.1, optimizer="sgd", log_every=1,
+                report_to=["jsonl"], progress=False, max_grad_norm=None)
+    base.update(kw)
+    return TrainSection(**base)
+
+
+def weights(recipe):
+    m = recipe.model.module if hasattr(recipe.model, "module") else recipe.model
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+def test_batch8_accum1_equals_batch1_accum8(tmp_path):
+    """The shared reduction makes the applied gradient the mean over every example of the step."""
+    a, b = ToyRecipe(), ToyRecipe()
+    train(a, cfg(tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3), Accelerator())
+    train(b, cfg(tmp_path / "b", batch_size=1, grad_accum=8, max_steps=3), Accelerator())
+    torch.testing.assert_close(weights(a), weights(b), rtol=1e-5, atol=1e-6)
+    # and the check is sensitive: a different global batch gives different weights
+    c = ToyRecipe()
+    train(c, cfg(tmp_path / "c", batch_size=1, grad_accum=4, max_steps=3), Accelerator())
+    assert not torch.allclose(weights(a), weights(c), atol=1e-4)
+
+
+def test_sampler_is_sharded_and_resumable():
+    full = ResumableBatches(20, 4, world=1, seed=3)
+    it = iter(full)
+    first = [next(it) for _ in range(7)]  # crosses an epoch boundary (5 batches per epoch)
+    r0 = ResumableBatches(20, 2, world=2, rank=0, seed=3)
+    r1 = ResumableBatches(20, 2, world=2, rank=1, seed=3)
+    i0, i1 = iter(r0), iter(r1)
+    for b in first:
+        assert next(i0) + next(i1) == b  # two ranks together see the single-process global batch
+    resumed = iter(ResumableBatches(20, 4, world=1, seed=3, start=4))
+    assert [next(resumed) for _ in range(3)] == first[4:7]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ResumableBatches(3, 4)
+
+
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path):
+    ref = ToyRecipe()
+    train(ref, cfg(tmp_path / "full", max_steps=6, optimizer="adamw", lr=0.05), Accelerator())
+
+    r1 = ToyRecipe()
+
+    def stop_at_3(step, rec):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(r1, cfg(tmp_path / "run", max_steps=6, optimizer="adamw", lr=0.05), Accelerator(), on_step=stop_at_3)
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    assert latest == "step-00000003"
+    r2 = ToyRecipe(seed=0)
+    # perturb the fresh model so only a correct restore can match
+    with torch.no_grad():
+        for p in r2.model.parameters():
+            p.add_(1.0)
+    res = train(r2, cfg(tmp_path / "run", max_steps=6, optimizer="adamw", lr=0.05, resume="latest"), Accelerator())
+    assert res.step == 6
+    assert torch.equal(weights(ref), weights(r2))
+
+
+def test_checkpoint_is_safetensors_json_and_atomic(tmp_path):
+    r = ToyRecipe()
+    train(r, cfg(tmp_path, max_steps=4, save_every=2, keep_checkpoints=1, optimizer="adamw"), Accelerator())
+    root = tmp_path / "checkpoints"
+    dirs = sorted(p.name for p in root.iterdir())
+    assert dirs == ["latest", "step-00000004"]  # pruned to 1, no .tmp left
+    files = sorted(p.name for p in (root / "step-00000004").iterdir())
+    assert files == ["model.safetensors", "optimizer.safetensors", "rng-0.safetensors", "state.json"]
+    state = json.loads((root / "step-00000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["consumed_batches"] == 4
+    loaded = ckpt.load_checkpoint(root / "step-00000004")
+    assert set(loaded["optimizer"]["state"][0]) >= {"exp_avg", "exp_avg_sq", "step"}
+    # a half-written directory (crash during save) is never picked up as latest
+    (root / "step-00000006.tmp").mkdir()
+    assert ckpt.resolve_checkpoint(tmp_path, "latest").name == "step-00000004"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path, str(root / "step-00000006.tmp"))
+
+
+def test_nan_loss_error_names_rows_and_saves_state(tmp_path):
+    r = ToyRecipe(nan_rows={5})
+    with pytest.raises(NonFiniteLossError, match=r"rows \[5\]") as e:
+        train(r, cfg(tmp_path, max_steps=20, batch_size=4), Accelerator())
+    assert "saved to" in str(e.value)
+    path = ckpt.resolve_checkpoint(tmp_path, "latest")
+    loaded = ckpt.load_checkpoint(path)
+    # nothing is lost: the checkpoint holds the last good step, with finite weights equal to the live ones
+    assert loaded["state"]["step"] == int(path.name.split("-")[1])
+    assert all(torch.isfinite(v).all() for v in loaded["model"].values())
+    live = r.trainable_state()
+    assert loaded["model"].keys() == live.keys()
+    for k in live:
+        torch.testing.assert_close(loaded["model"][k], live[k])
+
+
+def test_nan_loss_skip_counts_and_keeps_weights_finite(tmp_path):
+    r = ToyRecipe(nan_rows={5, 17})
+    res = train(r, cfg(tmp_path, max_steps=16, batch_size=4, nan_policy="skip"), Accelerator())
+    # 64 rows / 4 per batch = 16 batches per epoch: rows 5 and 17 are hit once each in 16 steps
+    assert res.skipped_steps == 2
+    assert torch.isfinite(weights(r)).all()
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert recs[-1]["train/skipped_steps"] == 2
+    assert all(math.isfinite(x["train/loss"]) for x in recs)
+    with pytest.raises(NonFiniteLossError, match="max_skipped_steps"):
+        train(ToyRecipe(nan_rows={5, 17}), cfg(tmp_path / "b", max_steps=16, batch_size=4, nan_policy="skip",
+                                               max_skipped_steps=1), Accelerator())
+
+
+def test_step0_loss_is_ln2_and_logs(tmp_path):
+    r = ToyRecipe()
+    res = train(r, cfg(tmp_path, max_steps=1, lr=1e-12), Accelerator())
+    assert res.history[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert res.history[0]["train/reward_accuracy"] == pytest.approx(0.5)
