@@ -60,11 +60,14 @@ def kto(policy, ref, labels, *, beta: float = 0.1, kl: float | Tensor = 0.0,
 
 
 @register("apo_zero_unpaired", kind="unpaired")
-def apo_zero_unpaired(policy, ref, labels, *, beta: float = 0.1):
-    """APO-zero, unpaired (arXiv 2408.06266, Eq. 7 split per sample): 1 - sigma(beta rho) / sigma(beta rho)."""
+def apo_zero_unpaired(policy, ref, labels, *, beta: float = 0.1, desirable_weight: float = 1.0,
+                      undesirable_weight: float = 1.0):
+    """APO-zero, unpaired (arXiv 2408.06266, Eq. 7 split per sample): lambda_D (1 - sigma(beta rho)) for
+    desirable samples, lambda_U sigma(beta rho) for undesirable ones."""
     policy, ref, labels = check_unpaired(policy, ref, labels)
     rho = policy - ref
-    loss = torch.where(labels, 1.0 - torch.sigmoid(beta * rho), torch.sigmoid(beta * rho))
+    loss = torch.where(labels, desirable_weight * (1.0 - torch.sigmoid(beta * rho)),
+                       undesirable_weight * torch.sigmoid(beta * rho))
     return loss, unpaired_metrics(beta * rho, labels)
 
 

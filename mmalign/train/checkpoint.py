@@ -77,9 +77,20 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def sharded_engine(accelerator) -> bool:
+    """FSDP and DeepSpeed shard weights and optimizer state: their own ``save_state`` must write them."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def save_checkpoint(output_dir, step: int, *, model_state, optimizer, scheduler, state: dict, accelerator,
                     keep: int = 2) -> Path:
-    """Called on every process (each saves its RNG); the main process writes the rest."""
+    """Called on every process (each saves its RNG); the main process writes the rest.
+
+    Under FSDP / DeepSpeed the sharded model and optimizer go through ``accelerator.save_state``
+    (safetensors for weights; the engines' own optimizer format) into the same directory; this path is
+    exercised on multi-GPU machines only, not by the CPU test-suite."""
     root = checkpoint_dir(output_dir)
     name = f"step-{step:08d}"
     final, tmp = root / name, root / (name + ".tmp")
@@ -91,11 +102,17 @@ def save_checkpoint(output_dir, step: int, *, model_state, optimizer, scheduler,
     accelerator.wait_for_everyone()
     rng_t, rng_meta = rng_state()
     save_file(_contig(rng_t), str(tmp / f"rng-{accelerator.process_index}.safetensors"))
+    engine = sharded_engine(accelerator)
+    if engine:
+        accelerator.save_state(str(tmp / "engine"), safe_serialization=True)
     if main:
-        save_file(_contig(model_state), str(tmp / "model.safetensors"))
-        opt_t, opt_meta = flatten_optimizer(optimizer.state_dict())
-        save_file(_contig(opt_t), str(tmp / "optimizer.safetensors"))
-        payload = dict(state, step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(), rng=rng_meta)
+        opt_meta = None
+        if not engine:
+            save_file(_contig(model_state), str(tmp / "model.safetensors"))
+            opt_t, opt_meta = flatten_optimizer(optimizer.state_dict())
+            save_file(_contig(opt_t), str(tmp / "optimizer.safetensors"))
+        payload = dict(state, step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(), rng=rng_meta,
+                       engine_state=engine)
         with open(tmp / STATE, "w") as f:
             json.dump(payload, f)
     accelerator.wait_for_everyone()
@@ -139,6 +156,9 @@ def load_checkpoint(path: Path, process_index: int = 0) -> dict:
     rng_file = path / f"rng-{process_index}.safetensors"
     if not rng_file.exists():
         rng_file = path / "rng-0.safetensors"
+    if state.get("engine_state"):
+        return {"state": state, "model": None, "optimizer": None, "rng": load_file(str(rng_file)),
+                "engine_dir": str(path / "engine")}
     return {
         "state": state,
         "model": load_file(str(path / "model.safetensors")),

@@ -184,6 +184,11 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     world, rank = acc.num_processes, acc.process_index
     out_dir = Path(cfg.output_dir)
     lr = effective_lr(cfg, world)
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
+        raise ValueError("under DeepSpeed the engine steps inside backward(): use train.grad_accum=1 and set "
+                         "gradient_accumulation_steps in the DeepSpeed config instead")
     optimizer = build_optimizer(recipe.trainable_parameters(), cfg, lr)
     scheduler = build_scheduler(optimizer, cfg)
     recipe.model, optimizer = acc.prepare(recipe.model, optimizer)
@@ -192,8 +197,11 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     if cfg.resume:
         path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume)
         loaded = ckpt.load_checkpoint(path, rank)
-        recipe.load_trainable_state(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
+        if loaded.get("engine_dir"):
+            acc.load_state(loaded["engine_dir"])
+        else:
+            recipe.load_trainable_state(loaded["model"])
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["state"]["scheduler"])
         recipe.load_extra_state(loaded["state"].get("recipe", {}))
         ckpt.set_rng_state(loaded["rng"], loaded["state"].get("rng"))
