@@ -1,8 +1,13 @@
-"""Train the tiny byte-level BPE tokenizer shipped in assets/tokenizers/tiny-bpe (offline, deterministic).
+"""Train the tiny byte-level BPE tokenizers shipped in assets/tokenizers/ (offline, deterministic).
 
-Byte-level, so it encodes any text; its merges are learned on the toy text-preference set, the
-shapes-world prompts and captions, and a little generic English. Loads with
-``AutoTokenizer.from_pretrained("assets/tokenizers/tiny-bpe")``.
+Byte-level, so they encode any text; merges are learned on the toy text-preference set, the
+shapes-world prompts and captions, and a little generic English. Two variants of one vocabulary:
+
+  tiny-bpe       plain (no special tokens added): the causal-LM tokenizer
+  tiny-clip-bpe  CLIP-style: <|startoftext|> text <|endoftext|>, padded to 16 tokens -- the text-encoder
+                 tokenizer of the tiny diffusion pipelines (pooled output = the EOS position)
+
+Load with ``AutoTokenizer.from_pretrained("assets/tokenizers/tiny-bpe")``.
 
     python scripts/build_tiny_tokenizer.py
 """
@@ -48,7 +53,7 @@ def main():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=["<|endoftext|>", "<pad>", "<|startoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(corpus(root)) * 3, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
@@ -57,6 +62,14 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     print(f"saved tokenizer with {len(fast)} tokens to {out}")
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>",
+                                                       special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    clip = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<pad>", model_max_length=16)
+    out_clip = out.parent / "tiny-clip-bpe"
+    clip.save_pretrained(out_clip)
+    print(f"saved CLIP-style variant to {out_clip}")
 
 
 if __name__ == "__main__":
