@@ -136,3 +136,22 @@ def make_dataset(n: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> list[tu
         sc = sample_scene(rng, image_size=image_size)
         out.append((render(sc, image_size), sc.prompt, sc))
     return out
+
+
+def synthetic_pairs(n: int, seed: int = 0, image_size: int = IMAGE_SIZE, ties: int = 0) -> list[dict]:
+    """Pick-a-Pic-schema rows: the preferred image shows the prompt; the other has the wrong colour or
+    shape. ``label_0`` is randomised (image 0 is the winner half the time); ``ties`` rows are 0.5/0.5."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = sample_scene(rng, image_size=image_size)
+        if rng.random() < 0.5:
+            bad = Scene(rng.choice([c for c in COLORS if c != good.color]), good.shape, good.size, good.cx, good.cy)
+        else:
+            bad = Scene(good.color, rng.choice([s for s in SHAPES if s != good.shape]), good.size, good.cx, good.cy)
+        a, b = render(good, image_size), render(bad, image_size)
+        first = rng.random() < 0.5
+        label = 0.5 if i < ties else (1.0 if first else 0.0)
+        rows.append({"caption": good.prompt, "jpg_0": a if first else b, "jpg_1": b if first else a,
+                     "label_0": label, "label_1": 1.0 - label, "ranking_id": i})
+    return rows

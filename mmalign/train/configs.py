@@ -185,3 +185,106 @@ class LMConfig:
 
 
 RECIPES["lm"] = LMConfig
+
+
+# ---------------------------------------------------------------------------------------- diffusion
+
+
+@dataclass(kw_only=True)
+class DiffusionModelSection:
+    kind: Literal["sd", "sdxl"] = "sd"
+    """sd = SD 1.x / 2.x (one text encoder), sdxl = two text encoders + micro-conditioning"""
+    name_or_path: Optional[str] = None
+    """diffusers pipeline folder or hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0"""
+    tiny: Optional[dict[str, Any]] = None
+    """random tiny components from configs (tests), e.g. {seed: 0, sample_size: 16}"""
+    vae: Optional[str] = None
+    """alternative VAE, e.g. madebyollin/sdxl-vae-fp16-fix"""
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    lora: Optional[LoraSection] = None
+    reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
+    """auto = peft (adapters disabled) with LoRA, else a frozen copy"""
+    reference_offload: bool = False
+    """keep the frozen reference copy on CPU, moving layers to the accelerator as they run"""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of VAE, text encoders and the reference copy; auto = bf16/fp16 with mixed precision, else fp32"""
+
+    def validate(self):
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ConfigError("model: set exactly one of name_or_path or tiny")
+        if self.reference == "peft" and self.lora is None:
+            raise ConfigError("model.reference=peft needs model.lora")
+
+
+@dataclass(kw_only=True)
+class DiffusionDataSection:
+    train: str
+    """Pick-a-Pic-style parquet file/folder, save_to_disk folder, imagefolder with metadata.jsonl, or hub name"""
+    split: str = "train"
+    eval: Optional[str] = None
+    """held-out pairs: implicit reward accuracy and loss are reported at every train.eval_every steps"""
+    eval_split: str = "validation"
+    max_eval_examples: Optional[int] = None
+    columns: dict[str, str] = field(default_factory=dict)
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = True
+    """horizontal flip, the same for both images of a pair"""
+    drop_ties: bool = True
+    caption_dropout: float = 0.0
+    """probability of an empty prompt, the same for both images of a pair (Salesforce default: 0.2)"""
+    max_examples: Optional[int] = None
+    cache_dir: Optional[str] = None
+    """cache VAE latents (+ flipped) and text embeddings here (safetensors shards, resumable)"""
+    noise_draws: int = 0
+    """0: fresh noise and t every step; K > 0: K fixed draws per pair (required by reference=precomputed)"""
+
+    def validate(self):
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+@dataclass(kw_only=True)
+class ValidationSection:
+    """Sample grids from fixed prompts and seeds at every ``train.eval_every`` steps (and step 0)."""
+
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    images_per_prompt: int = 2
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    resolution: Optional[int] = None
+
+
+@dataclass(kw_only=True)
+class DiffusionConfig:
+    """Diffusion-DPO and relatives on SD 1.5 / 2.1 / SDXL (``recipe: diffusion``).
+
+    ``loss.beta`` is Diffusion-DPO's beta in the Salesforce convention (SDXL 5000, SD1.5 2000-5000):
+    scores are ``-mse`` and the loss core receives beta/2, i.e.
+    loss = -log sigmoid(-0.5 beta ((mse_w - mse_l) - (ref_w - ref_l))).
+    """
+
+    recipe: Literal["diffusion"] = "diffusion"
+    model: DiffusionModelSection
+    data: DiffusionDataSection
+    loss: LossSection = field(default_factory=lambda: LossSection(name="dpo", params={"beta": 5000.0}))
+    train: TrainSection = field(default_factory=TrainSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+
+    runner = "mmalign.train.diffusion:run"
+
+    def validate(self):
+        if self.loss.fn.kind != "pairwise":
+            raise ConfigError(f"loss {self.loss.name!r} is {self.loss.fn.kind}; diffusion recipes take pairwise losses")
+        if self.model.reference == "precomputed" and self.data.noise_draws < 1:
+            raise ConfigError("model.reference=precomputed needs data.noise_draws >= 1 (the fixed noise draws "
+                              "whose reference scores are computed before training)")
+
+
+RECIPES["diffusion"] = DiffusionConfig

@@ -1,0 +1,170 @@
+"""Disk cache of VAE latents and text embeddings for preference pairs (safetensors shards).
+
+``build_cache`` encodes every pair once -- both images, unflipped and (optionally) flipped, and the
+caption(s) -- into ``shard-00000.safetensors``, ``shard-00001...``; each shard is written to a temp
+file and renamed, so an interrupted build resumes at the first missing shard. Rows whose images
+cannot be read are marked and listed in ``report.json``; ``CachedPairs`` skips them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .data import ImagePairBatch, PreferencePairs
+
+
+def _shard(path: Path, k: int) -> Path:
+    return path / f"shard-{k:05d}.safetensors"
+
+
+@torch.no_grad()
+def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_text=None, flips: bool = True,
+                shard_size: int = 256, batch_size: int = 16, progress: bool = True) -> dict:
+    """``encode_pixels([B,2,3,H,W]) -> [B,2,C,h,w]``; ``encode_text(list[str]) -> (embeds [B,T,D], pooled|None)``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"rows": len(pairs), "shard_size": shard_size, "source": str(pairs.source),
+            "resolution": pairs.resolution, "flips": flips, "text": encode_text is not None}
+    meta_file = path / "meta.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise ValueError(f"cache {path} was built with {old}, now asked for {meta}: use another data.cache_dir")
+    meta_file.write_text(json.dumps(meta))
+    n_shards = math.ceil(len(pairs) / shard_size)
+    todo = [k for k in range(n_shards) if not _shard(path, k).exists()]
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo) * shard_size, desc=f"caching latents -> {path}", dynamic_ncols=True)
+    corrupt = []
+    for k in todo:
+        rows = list(range(k * shard_size, min(len(pairs), (k + 1) * shard_size)))
+        out: dict[str, list] = {}
+        ok = torch.zeros(len(rows), dtype=torch.uint8)
+        for lo in range(0, len(rows), batch_size):
+            chunk = rows[lo: lo + batch_size]
+            items = [pairs[i] for i in chunk]
+            good = [j for j, it in enumerate(items) if it is not None]
+            corrupt += [pairs.rows[chunk[j]] for j, it in enumerate(items) if it is None]
+            if not good:
+                continue
+            for j in good:
+                ok[lo + j] = 1
+            pix = torch.stack([items[j]["pixels"] for j in good])
+            enc = {"latents": encode_pixels(pix),
+                   "original_size": torch.tensor([items[j]["original_size"] for j in good], dtype=torch.float32),
+                   "crop_top_left": torch.tensor([items[j]["crop_top_left"] for j in good], dtype=torch.float32)}
+            if flips:
+                enc["latents_flip"] = encode_pixels(pix.flip(-1))
+            if encode_text is not None:
+                e, p = encode_text([items[j]["caption"] for j in good])
+                enc["embeds_w"] = e
+                if p is not None:
+                    enc["pooled_w"] = p
+                if pairs.dual:
+                    e, p = encode_text([items[j]["caption_rejected"] for j in good])
+                    enc["embeds_l"] = e
+                    if p is not None:
+                        enc["pooled_l"] = p
+            for key, v in enc.items():
+                buf = out.setdefault(key, [None] * len(rows))
+                for jj, j in enumerate(good):
+                    buf[lo + j] = v[jj].cpu() if key in ("original_size", "crop_top_left") else v[jj].cpu().half()
+            if bar is not None:
+                bar.update(len(chunk))
+        tensors = {"ok": ok}
+        for key, buf in out.items():
+            like = next(x for x in buf if x is not None)
+            tensors[key] = torch.stack([x if x is not None else torch.zeros_like(like) for x in buf])
+        tmp = path / f".shard-{k:05d}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, _shard(path, k))
+    if bar is not None:
+        bar.close()
+    if encode_text is not None and not (path / "empty.safetensors").exists():
+        e, p = encode_text([""])
+        save_file({"embeds": e[0].cpu().half().contiguous(),
+                   **({"pooled": p[0].cpu().half().contiguous()} if p is not None else {})},
+                  str(path / "empty.safetensors"))
+    report_file = path / "report.json"
+    prev = json.loads(report_file.read_text())["corrupt_rows"] if report_file.exists() else []
+    report = {"rows": len(pairs), "corrupt_rows": sorted(set(prev + corrupt)), "shards": n_shards}
+    report_file.write_text(json.dumps(report))
+    return report
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Reads a built cache; captions and metadata come from the underlying ``PreferencePairs`` rows."""
+
+    def __init__(self, path: str | Path, pairs: PreferencePairs):
+        self.path, self.pairs = Path(path), pairs
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        if self.meta["rows"] != len(pairs):
+            raise ValueError(f"cache {path} has {self.meta['rows']} rows, the data has {len(pairs)}")
+        self.shard_size = self.meta["shard_size"]
+        self._open: dict[int, dict] = {}
+        self.empty = None
+        if (self.path / "empty.safetensors").exists():
+            with safe_open(str(self.path / "empty.safetensors"), "pt") as f:
+                self.empty = {k: f.get_tensor(k) for k in f.keys()}
+        self.source, self.dual, self.resolution = pairs.source, pairs.dual, pairs.resolution
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def describe(self) -> str:
+        return self.pairs.describe() + f" [cached in {self.path}]"
+
+    def _shard(self, k: int) -> dict:
+        if k not in self._open:
+            if len(self._open) > 4:
+                self._open.pop(next(iter(self._open)))
+            with safe_open(str(_shard(self.path, k)), "pt") as f:
+                self._open[k] = {key: f.get_tensor(key) for key in f.keys()}
+        return self._open[k]
+
+    def __getitem__(self, i):
+        i = int(i)
+        k, j = divmod(i, self.shard_size)
+        sh = self._shard(k)
+        if not sh["ok"][j]:
+            return None
+        row = self.pairs.ds[self.pairs.rows[i]]
+        swap = self.pairs.swap[i]
+        out = {"index": i, "latents": sh["latents"][j],
+               "latents_flip": sh["latents_flip"][j] if "latents_flip" in sh else sh["latents"][j]}
+        for key in ("embeds_w", "embeds_l", "pooled_w", "pooled_l"):
+            if key in sh:
+                out[key] = sh[key][j]
+        if self.dual:
+            c0, c1 = row["caption_0"], row["caption_1"]
+            out["caption"], out["caption_rejected"] = (c1, c0) if swap else (c0, c1)
+        else:
+            out["caption"] = row["caption"]
+        out["original_size"], out["crop_top_left"] = sh["original_size"][j].tolist(), sh["crop_top_left"][j].tolist()
+        return out
+
+    def collate(self, items: list) -> ImagePairBatch:
+        good = [x for x in items if x is not None]
+        b = ImagePairBatch(
+            pixels=None, captions=[x["caption"] for x in good],
+            index=torch.tensor([x["index"] for x in good], dtype=torch.long),
+            original_size=torch.tensor([x["original_size"] for x in good], dtype=torch.float32).view(-1, 2),
+            crop_top_left=torch.tensor([x["crop_top_left"] for x in good], dtype=torch.float32).view(-1, 2),
+            captions_rejected=[x["caption_rejected"] for x in good] if self.dual else None,
+            skipped=len(items) - len(good))
+        if good:
+            b.latents = torch.stack([x["latents"] for x in good])
+            b.latents_flip = torch.stack([x["latents_flip"] for x in good])
+            for key in ("embeds_w", "embeds_l", "pooled_w", "pooled_l"):
+                if key in good[0]:
+                    setattr(b, key, torch.stack([x[key] for x in good]))
+        return b

@@ -1,0 +1,238 @@
+"""Image preference pairs in the Pick-a-Pic v2 schema.
+
+Columns: ``caption``, ``jpg_0``, ``jpg_1`` (encoded image bytes, an HF ``Image`` dict, a PIL image
+or a file path), ``label_0`` (1 = image 0 preferred, 0 = image 1, 0.5 = tie), optional ``label_1``
+(must equal 1 - label_0). DCPO's Pick-Double-Caption adds ``caption_0`` / ``caption_1``; PPD adds
+``user_id``. Sources: parquet files/folders, ``save_to_disk`` folders, hub names, or an
+imagefolder-style directory whose ``metadata.jsonl`` names ``file_name_0`` / ``file_name_1``.
+
+Ties are dropped by default (counted and reported). The winner always comes first. Resize, crop
+and flip are the same for both images of a pair.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmalign.data.records import DataError, load_table, rename_columns, require_columns
+from mmalign.data.text import _Batch
+from mmalign.paths import resolve
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+
+@dataclass
+class ImagePairBatch(_Batch):
+    pixels: Optional[Tensor]  # [B, 2, 3, H, W] in [-1, 1], winner first
+    captions: list  # prompt per pair (the winner's caption under DCPO)
+    index: Tensor  # [B] dataset rows (after tie filtering)
+    original_size: Tensor  # [B, 2] (h, w) of image 0, for SDXL micro-conditioning
+    crop_top_left: Tensor  # [B, 2]
+    captions_rejected: Optional[list] = None  # DCPO: the loser's own caption
+    user_ids: Optional[list] = None  # PPD
+    latents: Optional[Tensor] = None  # [B, 2, C, h, w] from the cache
+    latents_flip: Optional[Tensor] = None
+    embeds_w: Optional[Tensor] = None  # cached text embeddings (winner caption / loser caption under DCPO)
+    embeds_l: Optional[Tensor] = None
+    pooled_w: Optional[Tensor] = None
+    pooled_l: Optional[Tensor] = None
+    skipped: int = 0  # corrupt rows dropped from this batch
+
+    def __len__(self):
+        return len(self.index)
+
+
+def open_image(value, root: Path | None = None) -> Image.Image:
+    """bytes | {'bytes':..,'path':..} | PIL | path -> RGB PIL image (raises on corrupt data)."""
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(value))
+    elif isinstance(value, dict):
+        if value.get("bytes") is not None:
+            img = Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path"):
+            return open_image(value["path"], root)
+        else:
+            raise ValueError("image dict has neither bytes nor path")
+    elif isinstance(value, str):
+        p = Path(value)
+        if root is not None and not p.is_absolute():
+            p = root / p
+        img = Image.open(p)
+    else:
+        raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    img.load()
+    return img.convert("RGB")
+
+
+def load_pairs_table(source: str, split: str = "train"):
+    """Like ``load_table``, plus imagefolder-style folders (``metadata.jsonl`` with file names)."""
+    import datasets
+
+    p = Path(resolve(source))
+    meta = p / "metadata.jsonl"
+    if p.is_dir() and meta.exists():
+        rows = [json.loads(x) for x in open(meta) if x.strip()]
+        for r in rows:
+            for k in ("0", "1"):
+                if f"file_name_{k}" in r and f"jpg_{k}" not in r:
+                    r[f"jpg_{k}"] = r.pop(f"file_name_{k}")
+        return datasets.Dataset.from_list(rows), p
+    return load_table(source, split), None
+
+
+class PreferencePairs(torch.utils.data.Dataset):
+    def __init__(self, source: str, split: str = "train", resolution: int = 512, center_crop: bool = True,
+                 drop_ties: bool = True, columns: dict | None = None, max_examples: int | None = None,
+                 seed: int = 0, dual_captions: bool = False, with_user: bool = False):
+        ds, self.root = load_pairs_table(source, split)
+        ds = rename_columns(ds, columns or {}, source)
+        need = ["jpg_0", "jpg_1", "label_0"] + (["caption_0", "caption_1"] if dual_captions else ["caption"])
+        if with_user:
+            need.append("user_id")
+        require_columns(ds, need, source, "image preference pairs (Pick-a-Pic v2 schema)")
+        self.source, self.resolution, self.center_crop, self.seed = source, resolution, center_crop, seed
+        self.dual, self.with_user = dual_captions, with_user
+        l0 = [float(x) for x in ds["label_0"]]
+        l1 = [float(x) for x in ds["label_1"]] if "label_1" in ds.column_names else [1.0 - x for x in l0]
+        keep, ties = [], 0
+        for i, (a, b) in enumerate(zip(l0, l1)):
+            if a not in (0.0, 0.5, 1.0) or abs(a + b - 1.0) > 1e-6:
+                raise DataError(f"{source}: row {i}: label_0={a}, label_1={b}; expected (1, 0), (0, 1) or a tie (0.5, 0.5)")
+            if a == 0.5:
+                ties += 1
+                if not drop_ties:
+                    raise DataError(f"{source}: row {i} is a tie (0.5/0.5); Diffusion-DPO needs a preference. "
+                                    "Keep data.drop_ties=true to drop ties")
+                continue
+            keep.append(i)
+        if max_examples is not None:
+            keep = keep[:max_examples]
+        if not keep:
+            raise DataError(f"{source}: no non-tie pairs ({ties} ties dropped)")
+        self.ds, self.rows, self.ties, self.swap = ds, keep, ties, [l0[i] == 0.0 for i in keep]
+        self.skipped_rows: list[int] = []
+        if ties:
+            log.info("%s: dropped %d tie pairs, kept %d", source, ties, len(keep))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def describe(self) -> str:
+        return f"{len(self)} pairs ({self.ties} ties dropped) from {self.source}"
+
+    def _crop_box(self, w: int, h: int, i: int) -> tuple[int, int, int, int, float]:
+        r = self.resolution
+        scale = r / min(w, h)
+        nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+        if self.center_crop:
+            top, left = (nh - r) // 2, (nw - r) // 2
+        else:  # deterministic per (seed, row): same crop on every process and after resume
+            g = np.random.default_rng(self.seed * 1_000_003 + i)
+            top, left = int(g.integers(0, nh - r + 1)), int(g.integers(0, nw - r + 1))
+        return nw, nh, top, left, scale
+
+    def _transform(self, img: Image.Image, size_and_box) -> Tensor:
+        nw, nh, top, left, _ = size_and_box
+        r = self.resolution
+        img = img.resize((nw, nh), Image.BILINEAR).crop((left, top, left + r, top + r))
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+        return arr / 127.5 - 1.0
+
+    def load_images(self, i: int) -> tuple[Image.Image, Image.Image]:
+        row = self.ds[self.rows[i]]
+        a, b = open_image(row["jpg_0"], self.root), open_image(row["jpg_1"], self.root)
+        return (b, a) if self.swap[i] else (a, b)
+
+    def __getitem__(self, i):
+        i = int(i)
+        row = self.ds[self.rows[i]]
+        try:
+            a, b = open_image(row["jpg_0"], self.root), open_image(row["jpg_1"], self.root)
+        except Exception as e:  # corrupt / unreadable: report by row and skip, never crash the batch
+            log.warning("%s: row %d: unreadable image (%s); skipped", self.source, self.rows[i], e)
+            self.skipped_rows.append(self.rows[i])
+            return None
+        b = b.resize(a.size, Image.BILINEAR) if b.size != a.size else b  # jpg_1 follows jpg_0 (diffusers SDXL)
+        box = self._crop_box(a.width, a.height, self.rows[i])
+        pix = torch.stack([self._transform(a, box), self._transform(b, box)])
+        swap = self.swap[i]
+        if swap:
+            pix = pix.flip(0)
+        out = {"pixels": pix, "index": i, "original_size": (a.height, a.width),
+               "crop_top_left": (box[2], box[3])}
+        if self.dual:
+            c0, c1 = row["caption_0"], row["caption_1"]
+            out["caption"], out["caption_rejected"] = (c1, c0) if swap else (c0, c1)
+        else:
+            out["caption"] = row["caption"]
+        if self.with_user:
+            out["user_id"] = row["user_id"]
+        return out
+
+    def collate(self, items: list) -> ImagePairBatch:
+        good = [x for x in items if x is not None]
+        skipped = len(items) - len(good)
+        if not good:
+            return ImagePairBatch(None, [], torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), torch.zeros(0, 2),
+                                  skipped=skipped)
+        return ImagePairBatch(
+            pixels=torch.stack([x["pixels"] for x in good]),
+            captions=[x["caption"] for x in good],
+            index=torch.tensor([x["index"] for x in good]),
+            original_size=torch.tensor([x["original_size"] for x in good], dtype=torch.float32),
+            crop_top_left=torch.tensor([x["crop_top_left"] for x in good], dtype=torch.float32),
+            captions_rejected=[x["caption_rejected"] for x in good] if self.dual else None,
+            user_ids=[x["user_id"] for x in good] if self.with_user else None,
+            skipped=skipped,
+        )
+
+
+def write_pickapic_parquet(path: str | Path, rows: list[dict]):
+    """Write pairs as a Pick-a-Pic-style parquet file: PIL images are JPEG/PNG-encoded to bytes."""
+    import datasets
+
+    def enc(img):
+        if isinstance(img, Image.Image):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            return buf.getvalue()
+        return img
+
+    out = []
+    for r in rows:
+        r = dict(r)
+        for k in ("jpg_0", "jpg_1"):
+            r[k] = enc(r[k])
+        out.append(r)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_list(out).to_parquet(str(path))
+
+
+def make_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None, pad: int = 2) -> Image.Image:
+    """Tile PIL images into one grid (for validation samples); optional text label under each."""
+    from PIL import ImageDraw
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    lh = 12 if labels else 0
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + lh + pad) + pad), (255, 255, 255))
+    d = ImageDraw.Draw(grid)
+    for k, im in enumerate(images):
+        r, c = divmod(k, cols)
+        x, y = pad + c * (w + pad), pad + r * (h + lh + pad)
+        grid.paste(im.resize((w, h)), (x, y))
+        if labels:
+            d.text((x + 1, y + h), labels[k][: max(4, w // 6)], fill=(0, 0, 0))
+    return grid

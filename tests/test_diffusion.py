@@ -1,0 +1,297 @@
+"""Diffusion-DPO: scoring conventions, the three references, data handling, cache, exports, resume."""
+import io
+import json
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from mmalign.config import ConfigError, load_config
+from mmalign.data.records import DataError
+from mmalign.demo.world import synthetic_pairs
+from mmalign.diffusion.data import PreferencePairs, write_pickapic_parquet
+from mmalign.diffusion.models import load_components, tiny_components
+from mmalign.diffusion.scoring import Cond, noisy_and_target, pair_mse, sdxl_time_ids
+from mmalign.train.diffusion import DiffusionRecipe, run
+from mmalign.train.loop import train
+
+TINY = "configs/tiny/diffusion_dpo.yaml"
+PAIRS = "assets/data/shapes_pairs/train.parquet"
+
+
+def cfg_(tmp_path, *ov):
+    return load_config(TINY, [f"train.output_dir={tmp_path}", "train.progress=false", "validation.prompts=[]", *ov])
+
+
+def recipe_(tmp_path, *ov):
+    torch.manual_seed(0)
+    return DiffusionRecipe(cfg_(tmp_path, *ov), Accelerator())
+
+
+def batch_of(recipe, n=4, data=None):
+    data = data or recipe.train_data
+    b = data.collate([data[i] for i in range(n)])
+    return b.to(recipe.acc.device)
+
+
+@pytest.mark.parametrize("kind,lora", [("sd", True), ("sd", False), ("sdxl", True), ("sdxl", False)])
+def test_step0_loss_is_ln2_and_accuracy_half(tmp_path, kind, lora):
+    ov = [f"model.kind={kind}", "train.max_steps=1"] + ([] if lora else ["model.lora=null"])
+    r = recipe_(tmp_path, *ov)
+    out = r.compute(batch_of(r, 4), step=0)
+    torch.testing.assert_close(out.loss, torch.full_like(out.loss, math.log(2)), rtol=0, atol=1e-4)
+    assert torch.all(out.metrics["reward_accuracy"] == 0.5)
+
+
+def test_loss_is_salesforce_formula_on_mse(tmp_path):
+    """loss = -logsigmoid(-0.5 beta ((mse_w - mse_l) - (ref_w - ref_l))), implicit acc from its sign."""
+    r = recipe_(tmp_path)
+    with torch.no_grad():  # move the policy away from the reference
+        for n, p in r.unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+    out = r.compute(batch_of(r, 6), step=3)
+    m = out.metrics
+    inside = -0.5 * 5000 * ((m["model_mse_w"] - m["model_mse_l"]) - (m["ref_mse_w"] - m["ref_mse_l"]))
+    torch.testing.assert_close(out.loss, -torch.nn.functional.logsigmoid(inside), rtol=1e-5, atol=1e-6)
+    acc = (inside > 0).float() + 0.5 * (inside == 0).float()
+    torch.testing.assert_close(m["reward_accuracy"], acc)
+    assert not torch.all(out.loss == out.loss[0])
+
+
+def test_winner_and_loser_share_noise_and_t():
+    comp = tiny_components("sd")
+    x = torch.randn(3, 1, 4, 8, 8).repeat(1, 2, 1, 1, 1)  # identical winner and loser
+    cond = Cond(torch.randn(6, 16, 32))
+    cond.embeds[3:] = cond.embeds[:3]
+    mse = pair_mse(comp.unet, comp.noise_scheduler, x, torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 900]), cond)
+    w, l_ = mse.chunk(2)
+    torch.testing.assert_close(w, l_, rtol=0, atol=1e-6)  # same t and noise: same error (up to batch-row rounding)
+    assert (w - mse.roll(1)[:3]).abs().max() > 1e-3  # whereas different rows (other t/noise) differ
+
+
+def test_v_prediction_target():
+    comp = tiny_components("sd", prediction_type="v_prediction")
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    _, target = noisy_and_target(comp.noise_scheduler, x0, noise, t)
+    a = comp.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(target, a.sqrt() * noise - (1 - a).sqrt() * x0)
+    comp_e = tiny_components("sd")
+    _, te = noisy_and_target(comp_e.noise_scheduler, x0, noise, t)
+    assert torch.equal(te, noise)
+
+
+def test_sdxl_time_ids():
+    ids = sdxl_time_ids(torch.tensor([[600.0, 800.0]]), torch.tensor([[10.0, 20.0]]), 1024)
+    assert ids.tolist() == [[600.0, 800.0, 10.0, 20.0, 1024.0, 1024.0]]
+
+
+def test_caption_dropout_is_shared_by_the_pair_and_uses_empty_prompt(tmp_path):
+    r = recipe_(tmp_path, "data.caption_dropout=0.5")
+    b = batch_of(r, 8)
+    gens = [r._generator(0, int(i), "train") for i in b.index]
+    x0, noise, t, cond = r._inputs(b, gens, "train")
+    w, l_ = cond.embeds.chunk(2)
+    assert torch.equal(w, l_)
+    empty = r.pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    dropped = [bool(torch.allclose(w[i], empty[0])) for i in range(8)]
+    assert any(dropped) and not all(dropped)
+
+
+def test_flip_and_crop_are_joint(tmp_path):
+    img = Image.effect_noise((48, 40), 60).convert("RGB")
+    rows = [{"caption": "a red circle", "jpg_0": img, "jpg_1": img, "label_0": 1.0}] * 4
+    write_pickapic_parquet(tmp_path / "same.parquet", rows)
+    ds = PreferencePairs(str(tmp_path / "same.parquet"), resolution=32, center_crop=False)
+    item = ds[0]
+    assert torch.equal(item["pixels"][0], item["pixels"][1])
+    r = recipe_(tmp_path / "r", f"data.train={tmp_path / 'same.parquet'}", "data.eval=null")
+    b = batch_of(r, 4)
+    x0, *_ = r._inputs(b, [r._generator(s, 0, "train") for s in range(4)], "train")
+    torch.testing.assert_close(x0[:, 0], x0[:, 1])
+
+
+def test_pickapic_ties_labels_and_columns(tmp_path):
+    ds = PreferencePairs(PAIRS, resolution=32)
+    assert ds.ties == 4 and len(ds) == 92
+    rows = synthetic_pairs(3, seed=5)
+    rows[1]["label_0"], rows[1]["label_1"] = 0.7, 0.3
+    write_pickapic_parquet(tmp_path / "bad.parquet", rows)
+    with pytest.raises(DataError, match="row 1: label_0=0.7"):
+        PreferencePairs(str(tmp_path / "bad.parquet"))
+    write_pickapic_parquet(tmp_path / "tie.parquet", synthetic_pairs(3, ties=1))
+    with pytest.raises(DataError, match="row 0 is a tie"):
+        PreferencePairs(str(tmp_path / "tie.parquet"), drop_ties=False)
+    rows = [{k: v for k, v in r.items() if k != "caption"} for r in synthetic_pairs(2)]
+    write_pickapic_parquet(tmp_path / "nocap.parquet", rows)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['caption'\]"):
+        PreferencePairs(str(tmp_path / "nocap.parquet"))
+
+
+def test_winner_first_after_swap():
+    ds = PreferencePairs(PAIRS, resolution=32)
+    from mmalign.demo.world import oracle_score
+
+    for i in range(12):
+        a, b = ds.load_images(i)
+        cap = ds.ds[ds.rows[i]]["caption"]
+        assert oracle_score(a, cap) > oracle_score(b, cap)
+
+
+def test_corrupt_image_is_reported_and_skipped(tmp_path, caplog):
+    rows = synthetic_pairs(6, seed=2)
+    rows[2]["jpg_1"] = b"not an image"
+    write_pickapic_parquet(tmp_path / "c.parquet", rows)
+    ds = PreferencePairs(str(tmp_path / "c.parquet"), resolution=32)
+    batch = ds.collate([ds[i] for i in range(4)])
+    assert len(batch) == 3 and batch.skipped == 1
+    assert ds.skipped_rows == [2] and "row 2: unreadable image" in caplog.text
+    # and training goes on over it
+    res = run(cfg_(tmp_path / "run", f"data.train={tmp_path / 'c.parquet'}", "data.eval=null", "train.max_steps=3",
+                   "train.batch_size=2", "train.eval_every=0"))
+    assert res.step == 3
+
+
+def test_imagefolder_layout(tmp_path):
+    rows = synthetic_pairs(4, seed=3)
+    meta = []
+    for i, r in enumerate(rows):
+        for k in ("0", "1"):
+            r[f"jpg_{k}"].save(tmp_path / f"{i}_{k}.png")
+        meta.append({"caption": r["caption"], "file_name_0": f"{i}_0.png", "file_name_1": f"{i}_1.png",
+                     "label_0": r["label_0"]})
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
+    ds = PreferencePairs(str(tmp_path), resolution=32)
+    assert len(ds) == 4 and ds[0]["pixels"].shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_three_references_give_the_same_loss(tmp_path, lora):
+    losses = {}
+    for kind in ("copy", "peft", "precomputed"):
+        if kind == "peft" and not lora:
+            continue
+        ov = [f"model.reference={kind}", "data.noise_draws=2", "data.max_examples=8", "data.eval=null"]
+        if not lora:
+            ov.append("model.lora=null")
+        r = recipe_(tmp_path / kind, *ov)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for n, p in r.unet.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * (0.3 if lora else 0.01))
+        losses[kind] = r.compute(batch_of(r, 8), step=1).loss
+    ref = losses["copy"]
+    assert not torch.allclose(ref, torch.full_like(ref, math.log(2)), atol=1e-4)
+    for k, v in losses.items():
+        torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-6), k
+
+
+def test_precomputed_needs_noise_draws(tmp_path):
+    with pytest.raises(ConfigError, match="noise_draws"):
+        cfg_(tmp_path, "model.reference=precomputed")
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    common = ["train.max_steps=6", "train.eval_every=0", "train.optimizer=adamw", "data.eval=null",
+              "data.caption_dropout=0.3"]
+    full = recipe_(tmp_path / "full", *common)
+    train(full, full.cfg.train, full.acc)
+
+    a = recipe_(tmp_path / "run", *common)
+
+    def stop(step, rec):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(a, a.cfg.train, a.acc, on_step=stop)
+    b = recipe_(tmp_path / "run", *common, "train.resume=latest")
+    train(b, b.cfg.train, b.acc)
+    for (n1, p1), (n2, p2) in zip(full.unet.named_parameters(), b.unet.named_parameters()):
+        if p1.requires_grad:
+            assert torch.equal(p1, p2), n1
+
+
+def test_lora_export_loads_with_load_lora_weights(tmp_path):
+    res = run(cfg_(tmp_path, "train.max_steps=3", "train.eval_every=0", "train.lr=0.05"))
+    trained = res.recipe
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+    assert "load_lora_weights" in (tmp_path / "final" / "README.md").read_text()
+    comp = tiny_components("sd", seed=0, sample_size=16)  # a fresh base, as a user would load it
+    pipe = comp.pipeline()
+    pipe.load_lora_weights(str(tmp_path / "final"))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    cond = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        a = pipe.unet(x, t, encoder_hidden_states=cond).sample
+        b = trained.unet(x, t, encoder_hidden_states=cond).sample
+        base = tiny_components("sd", seed=0, sample_size=16).unet(x, t, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, base, atol=1e-4)
+
+
+def test_full_export_is_a_diffusers_pipeline(tmp_path):
+    res = run(cfg_(tmp_path, "model.lora=null", "train.max_steps=2", "train.eval_every=0", "model.ema=true",
+                   "model.ema_decay=0.5"))
+    comp = load_components("sd", str(tmp_path / "final"))
+    ema = res.recipe.ema
+    for p_loaded, s in zip(comp.unet.parameters(), ema.shadow_params):
+        torch.testing.assert_close(p_loaded, s)  # the export holds the EMA weights
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "final"), safety_checker=None)
+    img = pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0]
+    assert img.size == (32, 32)
+
+
+def test_sdxl_tiny_trains_and_exports_lora(tmp_path):
+    res = run(cfg_(tmp_path, "model.kind=sdxl", "train.max_steps=2", "train.eval_every=2",
+                   "validation.prompts=[a red circle]", "validation.num_inference_steps=2"))
+    assert (tmp_path / "samples" / "step-00000002.png").exists()
+    comp = tiny_components("sdxl", seed=0, sample_size=16)
+    comp.pipeline().load_lora_weights(str(tmp_path / "final"))
+    assert math.isfinite(res.history[-1]["train/loss"])
+
+
+def test_latent_cache_matches_pixels_and_resumes(tmp_path):
+    base = ["data.max_examples=10", "data.eval=null"]
+    r_pix = recipe_(tmp_path / "pix", *base)
+    r_cache = recipe_(tmp_path / "c", *base, f"data.cache_dir={tmp_path / 'cache'}")
+    for step in (0, 1, 2, 3):  # covers flipped and unflipped draws
+        lp = r_pix.compute(batch_of(r_pix, 6), step=step).metrics["model_mse_w"]
+        lc = r_cache.compute(batch_of(r_cache, 6), step=step).metrics["model_mse_w"]
+        torch.testing.assert_close(lp, lc, rtol=2e-3, atol=1e-4)  # fp16 storage
+    shard = tmp_path / "cache" / "train" / "shard-00000.safetensors"
+    mtime = shard.stat().st_mtime
+    recipe_(tmp_path / "c2", *base, f"data.cache_dir={tmp_path / 'cache'}")
+    assert shard.stat().st_mtime == mtime  # resumable: complete shards are not rebuilt
+
+
+def test_xformers_request_without_xformers_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers installed")
+    with pytest.raises(ImportError, match="model.attention=xformers needs xformers"):
+        recipe_(tmp_path, "model.attention=xformers")
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path):
+    res = run(cfg_(tmp_path, "train.mixed_precision=bf16", "train.max_steps=2", "train.eval_every=0"))
+    assert math.isfinite(res.history[-1]["train/loss"])
+
+
+def test_validation_grid_and_scorer(tmp_path):
+    from mmalign.demo.world import oracle_score
+
+    res = run(cfg_(tmp_path, "train.max_steps=1", "train.eval_every=1", "validation.prompts=[a red circle]"),
+              scorer=lambda ims, ps: [oracle_score(i, p) for i, p in zip(ims, ps)])
+    assert (tmp_path / "samples" / "step-00000000.png").exists()
+    assert "eval/reward" in res.eval_history[0]
+    grid = Image.open(tmp_path / "samples" / "step-00000001.png")
+    assert grid.size[0] > 32
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
