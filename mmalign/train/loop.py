@@ -101,6 +101,9 @@ def make_accelerator(cfg: TrainSection, **kw):
         elif t not in ("none", "jsonl"):
             log_with.append(t)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    # Without CUDA, run on CPU explicitly: then any launcher that sets WORLD_SIZE/LOCAL_RANK
+    # (``accelerate launch --multi_gpu --num_processes 2``, ``torchrun``) gives gloo multi-CPU training.
+    kw.setdefault("cpu", not torch.cuda.is_available())
     return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with or None,
                        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
                        **kw)
