@@ -27,6 +27,11 @@ IMAGE_SIZE = 32
 FILL_RATIO = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 
 
+def describe(color: str, shape: str) -> str:
+    """The world's prompt for a colour and shape: "a red circle", "an orange square"."""
+    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
+
+
 @dataclass(frozen=True)
 class Scene:
     color: str
@@ -37,11 +42,11 @@ class Scene:
 
     @property
     def prompt(self) -> str:
-        return f"a {self.color} {self.shape}"
+        return describe(self.color, self.shape)
 
 
 def all_prompts() -> list[str]:
-    return [f"a {c} {s}" for c in COLORS for s in SHAPES]
+    return [describe(c, s) for c in COLORS for s in SHAPES]
 
 
 def parse_prompt(prompt: str) -> tuple[str, str]:

@@ -11,7 +11,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mmalign.paths import TINY_TOKENIZER, resolve
 
