@@ -309,3 +309,16 @@ def test_launch_scripts_run_as_is(tmp_path, script):
                         "validation.prompts=[]"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pairs/step" in r.stdout and (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_all_unreadable_batch_skips_the_step_not_the_run(tmp_path):
+    rows = synthetic_pairs(6, seed=2)
+    for i in range(4):
+        rows[i]["jpg_0"] = b"broken"
+    write_pickapic_parquet(tmp_path / "c.parquet", rows)
+    res = run(cfg_(tmp_path / "run", f"data.train={tmp_path / 'c.parquet'}", "data.eval=null", "train.max_steps=6",
+                   "train.batch_size=2", "train.eval_every=0", "train.log_every=1"))
+    assert res.step == 6
+    last = res.history[-1]
+    assert last["train/skipped_rows"] == 8  # 4 unreadable rows x 2 epochs
+    assert last["train/skipped_steps"] >= 1  # at least one batch had no readable row

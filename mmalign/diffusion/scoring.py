@@ -74,14 +74,19 @@ def noisy_and_target(scheduler, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[T
     raise ValueError(f"unsupported prediction_type {pt!r} (epsilon or v_prediction)")
 
 
-def pair_mse(unet, scheduler, x0: Tensor, noise: Tensor, t: Tensor, cond: Cond) -> Tensor:
+def pair_mse(unet, scheduler, x0: Tensor, noise: Tensor, t: Tensor, cond: Cond,
+             xt_target: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """x0 ``[B, 2, C, h, w]`` (winner, loser); noise ``[B, C, h, w]`` and t ``[B]`` shared by the pair;
-    ``cond`` for 2B samples (winners first). Returns per-sample MSE ``[2B]`` (fp32), winners first."""
+    ``cond`` for 2B samples (winners first). ``xt_target``: precomputed (x_t, target) for the 2B samples
+    (DDIM-InPO's inverted latents and re-derived noise). Returns per-sample MSE ``[2B]`` (fp32)."""
     b = x0.shape[0]
-    x = torch.cat([x0[:, 0], x0[:, 1]])
-    n = torch.cat([noise, noise])
     tt = torch.cat([t, t])
-    x_t, target = noisy_and_target(scheduler, x, n, tt)
+    if xt_target is None:
+        x = torch.cat([x0[:, 0], x0[:, 1]])
+        n = torch.cat([noise, noise])
+        x_t, target = noisy_and_target(scheduler, x, n, tt)
+    else:
+        x_t, target = xt_target
     if cond.embeds.shape[0] != 2 * b:
         raise ValueError(f"conditioning has {cond.embeds.shape[0]} rows, expected {2 * b}")
     pred = unet(x_t, tt, **cond.unet_kwargs()).sample

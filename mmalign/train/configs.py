@@ -243,10 +243,23 @@ class DiffusionDataSection:
     """cache VAE latents (+ flipped) and text embeddings here (safetensors shards, resumable)"""
     noise_draws: int = 0
     """0: fresh noise and t every step; K > 0: K fixed draws per pair (required by reference=precomputed)"""
+    dual_captions: bool = False
+    """DCPO: read caption_0 / caption_1 and condition each image on its own caption"""
 
     def validate(self):
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+@dataclass(kw_only=True)
+class InversionSection:
+    """DDIM-InPO: x_t from DDIM inversion of x0 with the policy UNet, target re-derived (arXiv 2503.18454)."""
+
+    steps: int = 10
+    """inversion grid size: 10 gives {1, 101, ..., 901}"""
+    eta: float = 0.1
+    exact_t: bool = True
+    """finish with a partial step to t itself (false: stop at the grid point below t, as the InPO code)"""
 
 
 @dataclass(kw_only=True)
@@ -276,12 +289,19 @@ class DiffusionConfig:
     loss: LossSection = field(default_factory=lambda: LossSection(name="dpo", params={"beta": 5000.0}))
     train: TrainSection = field(default_factory=TrainSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    inversion: Optional[InversionSection] = None
+    """set to use DDIM-InPO inputs (inverted latents, re-derived noise) with any pairwise loss"""
 
     runner = "mmalign.train.diffusion:run"
 
     def validate(self):
         if self.loss.fn.kind != "pairwise":
             raise ConfigError(f"loss {self.loss.name!r} is {self.loss.fn.kind}; diffusion recipes take pairwise losses")
+        if self.inversion is not None and self.model.reference == "precomputed":
+            raise ConfigError("inversion (DDIM-InPO) inverts with the current policy, so its reference scores "
+                              "cannot be precomputed: use model.reference=peft or copy")
+        if self.inversion is not None and self.model.prediction_type == "v_prediction":
+            raise ConfigError("inversion (DDIM-InPO) is defined for epsilon-prediction models")
         if self.model.reference == "precomputed" and self.data.noise_draws < 1:
             raise ConfigError("model.reference=precomputed needs data.noise_draws >= 1 (the fixed noise draws "
                               "whose reference scores are computed before training)")

@@ -150,7 +150,7 @@ class DiffusionRecipe:
     def _pairs(self, source, split, max_examples):
         d = self.cfg.data
         return PreferencePairs(source, split, d.resolution, d.center_crop, d.drop_ties, d.columns, max_examples,
-                               seed=self.cfg.train.seed)
+                               seed=self.cfg.train.seed, dual_captions=d.dual_captions)
 
     def _cached(self, pairs: PreferencePairs, path: Path) -> CachedPairs:
         if self.acc.is_main_process:
@@ -304,9 +304,19 @@ class DiffusionRecipe:
             else:
                 raise RuntimeError(self.ref_kind)
 
-    def _ref_mse(self, x0, noise, t, cond) -> Tensor:
+    def _ref_mse(self, x0, noise, t, cond, xt=None) -> Tensor:
         with self._reference() as ref, self.acc.autocast():
-            return pair_mse(ref, self.comp.noise_scheduler, x0, noise, t, cond)
+            return pair_mse(ref, self.comp.noise_scheduler, x0, noise, t, cond, xt)
+
+    def _invert(self, x0, t, cond, gens) -> tuple[Tensor, Tensor]:
+        """DDIM-InPO: (x_t, eps_hat) for the 2B samples by inverting with the current policy (no grad)."""
+        from mmalign.diffusion.inversion import ddim_invert
+
+        inv = self.cfg.inversion
+        x = torch.cat([x0[:, 0], x0[:, 1]])
+        with self.acc.autocast():
+            return ddim_invert(self.unet, x, torch.cat([t, t]), cond.unet_kwargs(),
+                               self.comp.noise_scheduler.alphas_cumprod, inv.steps, inv.eta, gens + gens, inv.exact_t)
 
     @torch.no_grad()
     def precompute(self, data, split: str, draws: int, batch_size: int = 16) -> Tensor:
@@ -328,13 +338,14 @@ class DiffusionRecipe:
     def compute(self, batch: ImagePairBatch, step: int = 0, split: str = "train") -> StepOutput:
         gens = [self._generator(step, int(r), split) for r in batch.index]
         x0, noise, t, cond = self._inputs(batch, gens, split)
-        mse = pair_mse(self.model, self.comp.noise_scheduler, x0, noise, t, cond)
+        xt = self._invert(x0, t, cond, gens) if self.cfg.inversion is not None else None
+        mse = pair_mse(self.model, self.comp.noise_scheduler, x0, noise, t, cond, xt)
         if self.ref_kind == "precomputed":
             k = 0 if split == "eval" else step % self.cfg.data.noise_draws
             tab = self.ref_tables[split][batch.index.cpu(), k].to(mse.device)
             ref = torch.cat([tab[:, 0], tab[:, 1]])
         else:
-            ref = self._ref_mse(x0, noise, t, cond).float()
+            ref = self._ref_mse(x0, noise, t, cond, xt).float()
         mw, ml = mse.chunk(2)
         rw, rl = ref.chunk(2)
         extras = {}

@@ -196,7 +196,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     scheduler = build_scheduler(optimizer, cfg)
     recipe.model, optimizer = acc.prepare(recipe.model, optimizer)
 
-    step, skipped = 0, 0
+    step, skipped, skipped_rows = 0, 0, 0
     if cfg.resume:
         path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume)
         loaded = ckpt.load_checkpoint(path, rank)
@@ -274,12 +274,17 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
             while step < cfg.max_steps:
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 n_global = float(reduce_sum(torch.tensor([float(sum(len(b) for b in micro))]))[0])
+                empty_step = n_global == 0  # every row unreadable: the step is skipped, not the run
+                n_global = max(n_global, 1.0)
                 recipe.model.train()
                 bad_local = False
                 step_sums = MetricSums()
                 for i, batch in enumerate(micro):
                     batch.to(acc.device)
                     sync = i == len(micro) - 1
+                    skipped_rows += getattr(batch, "skipped", 0)
+                    if len(batch) == 0:  # every row unreadable (reported by the dataset): contributes nothing
+                        continue
                     with (contextlib.nullcontext() if sync else acc.no_sync(recipe.model)):
                         with acc.autocast():
                             out = recipe.compute(batch, step)
@@ -298,7 +303,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(recipe.model.parameters(), cfg.max_grad_norm)
-                bad = bool(reduce_sum(torch.tensor([float(bad_local)]))[0] > 0)
+                bad = bool(reduce_sum(torch.tensor([float(bad_local)]))[0] > 0) or empty_step
                 if grad_norm is not None and not math.isfinite(float(grad_norm)):
                     if cfg.nan_policy == "error":
                         save(step)
@@ -309,8 +314,9 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     result.skipped_steps = skipped
-                    acc.print(f"step {step + 1}: non-finite loss, step skipped ({skipped} so far)")
-                    if skipped > cfg.max_skipped_steps:
+                    acc.print(f"step {step + 1}: {'no readable rows' if empty_step else 'non-finite loss'}, "
+                              f"step skipped ({skipped} so far)")
+                    if skipped > cfg.max_skipped_steps and not empty_step:
                         raise NonFiniteLossError(f"{skipped} steps skipped for non-finite loss "
                                                  f"(train.max_skipped_steps={cfg.max_skipped_steps})")
                 else:
@@ -332,6 +338,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                     m = window.means(reduce_sum)
                     rec = {"step": step, **{f"train/{k}": v for k, v in m.items()},
                            "train/lr": scheduler.get_last_lr()[0], "train/skipped_steps": skipped,
+                           "train/skipped_rows": skipped_rows,
                            "train/sec_per_step": (time.time() - t0) / cfg.log_every}
                     if grad_norm is not None:
                         rec["train/grad_norm"] = float(grad_norm)

@@ -1,0 +1,167 @@
+"""Text DPO step time: mmalign's loop vs TRL's DPOTrainer, same model, same data, same batch, same run.
+
+Both train the same randomly initialised GPT-2 (built from a config) against a frozen reference copy
+on the shipped toy preference pairs, with AdamW, for the same number of optimiser steps. Two numbers:
+
+  loop   wall time per optimiser step of each trainer's own training loop (``trainer.train()`` vs
+         ``mmalign.train.loop.train``), after one warm-up step, including data loading and logging
+  core   one forward + backward of the loss on an identical batch (TRL ``_compute_loss`` vs our
+         ``LMRecipe.compute``), median over repeats
+
+    python scripts/bench_lm_dpo.py [--layers 6 --width 384 --batch 8 --steps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DATA = ROOT / "assets/data/toy_prefs/pairs_train.jsonl"
+
+
+def make_model(tok, layers, width, heads):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_layer=layers, n_embd=width, n_head=heads, n_positions=256,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, resid_pdrop=0, embd_pdrop=0,
+                     attn_pdrop=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def trl_trainer(model, tok, rows, batch, steps, out):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conf = DPOConfig(output_dir=out, report_to="none", per_device_train_batch_size=batch, max_steps=steps,
+                         learning_rate=1e-4, max_length=128, use_cpu=not torch.cuda.is_available(), bf16=False,
+                         beta=0.1, logging_steps=10_000, save_strategy="no", disable_dropout=True,
+                         dataloader_num_workers=0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+                         weight_decay=0.0)
+        return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=conf,
+                          train_dataset=Dataset.from_list(rows), processing_class=tok)
+
+
+def ours(model, tok, batch, steps, out):
+    from accelerate import Accelerator
+
+    from mmalign.config import config_from_dict
+    from mmalign.train.configs import RECIPES
+    from mmalign.train.lm import LMRecipe
+
+    cfg = config_from_dict({
+        "recipe": "lm", "model": {"tiny": {"arch": "gpt2"}},
+        "data": {"train": str(DATA), "max_length": 128, "max_prompt_length": 64},
+        "loss": {"name": "dpo", "beta": 0.1},
+        "train": {"output_dir": out, "max_steps": steps, "batch_size": batch, "lr": 1e-4, "log_every": 10_000,
+                  "progress": False, "report_to": ["jsonl"], "max_grad_norm": 1.0},
+    }, RECIPES)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    return LMRecipe(cfg, acc, model=model, tokenizer=tok), cfg
+
+
+def time_loops(base, tok, rows, batch, steps, tmp):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from mmalign.train.loop import train
+
+    out = {}
+    # TRL: time steps 2..N by subtracting a 1-step run (warm-up, setup) from an N-step run
+    for name in ("mmalign", "trl"):
+        per = []
+        for n in (1, steps):
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            m = copy.deepcopy(base)
+            if name == "trl":
+                tr = trl_trainer(m, tok, rows, batch, n, f"{tmp}/trl{n}")
+                t0 = time.perf_counter()
+                tr.train()
+            else:
+                recipe, cfg = ours(m, tok, batch, n, f"{tmp}/ours{n}")
+                t0 = time.perf_counter()
+                train(recipe, cfg.train, recipe.acc)
+            per.append(time.perf_counter() - t0)
+        out[name] = (per[1] - per[0]) / (steps - 1)
+    return out
+
+
+def time_core(base, tok, rows, batch, repeats=10):
+    """Forward + backward of the loss on one identical batch (TRL's collated batch for both)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    m = copy.deepcopy(base)
+    tr = trl_trainer(m, tok, rows, batch, 1, "/tmp/mmalign-bench-core")
+    b = tr.data_collator([tr.train_dataset[i] for i in range(batch)])
+    recipe, _ = ours(copy.deepcopy(base), tok, batch, 1, "/tmp/mmalign-bench-core-ours")
+    from mmalign.data.text import PairBatch, Sequences
+
+    pb = PairBatch(Sequences(b["input_ids"], b["attention_mask"], b["completion_mask"]), torch.arange(batch))
+    res = {"trl": [], "mmalign": []}
+    for _ in range(repeats):
+        for name in ("trl", "mmalign"):
+            t0 = time.perf_counter()
+            if name == "trl":
+                loss = tr._compute_loss(tr.model, b, False)
+                loss.backward()
+                tr.model.zero_grad(set_to_none=True)
+            else:
+                out = recipe.compute(pb)
+                out.loss.mean().backward()
+                recipe.model.zero_grad(set_to_none=True)
+            res[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v[1:]) for k, v in res.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    import tempfile
+
+    import trl
+
+    from mmalign.models.lm import load_tokenizer
+    from mmalign.utils import print_table
+
+    tok = load_tokenizer(None)
+    rows = [json.loads(x) for x in open(DATA)][: max(512, args.batch * (args.steps + 2))]
+    base = make_model(tok, args.layers, args.width, args.heads)
+    with tempfile.TemporaryDirectory() as tmp:
+        loops = time_loops(base, tok, rows, args.batch, args.steps, tmp)
+    core = time_core(base, tok, rows, args.batch)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    n = sum(p.numel() for p in base.parameters())
+    print(f"\nText DPO, GPT-2 {args.layers}x{args.width} ({n / 1e6:.1f}M params), batch {args.batch} pairs, "
+          f"TRL {trl.__version__}, {device}")
+    print_table(["measure", "mmalign s", "TRL s", "TRL / mmalign"],
+                [["loop: s per optimiser step", f"{loops['mmalign']:.4f}", f"{loops['trl']:.4f}",
+                  f"{loops['trl'] / loops['mmalign']:.2f}x"],
+                 ["core: loss fwd+bwd", f"{core['mmalign']:.4f}", f"{core['trl']:.4f}",
+                  f"{core['trl'] / core['mmalign']:.2f}x"]])
+    print("JSON " + json.dumps({"device": device, "params": n, "batch": args.batch, "steps": args.steps,
+                                "trl": trl.__version__, "loop": loops, "core": core}))
+
+
+if __name__ == "__main__":
+    main()
