@@ -150,6 +150,7 @@ class CachedPairs(torch.utils.data.Dataset):
         else:
             out["caption"] = row["caption"]
         out["original_size"], out["crop_top_left"] = sh["original_size"][j].tolist(), sh["crop_top_left"][j].tolist()
+        out["label"] = self.pairs.labels[i]
         return out
 
     def collate(self, items: list) -> ImagePairBatch:
@@ -160,6 +161,7 @@ class CachedPairs(torch.utils.data.Dataset):
             original_size=torch.tensor([x["original_size"] for x in good], dtype=torch.float32).view(-1, 2),
             crop_top_left=torch.tensor([x["crop_top_left"] for x in good], dtype=torch.float32).view(-1, 2),
             captions_rejected=[x["caption_rejected"] for x in good] if self.dual else None,
+            labels=torch.tensor([x["label"] for x in good], dtype=torch.float32) if self.pairs.soft else None,
             skipped=len(items) - len(good))
         if good:
             b.latents = torch.stack([x["latents"] for x in good])

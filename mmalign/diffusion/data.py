@@ -40,6 +40,7 @@ class ImagePairBatch(_Batch):
     crop_top_left: Tensor  # [B, 2]
     captions_rejected: Optional[list] = None  # DCPO: the loser's own caption
     user_ids: Optional[list] = None  # PPD
+    labels: Optional[Tensor] = None  # [B] soft labels y = P(image 0 preferred), label_mode "soft" (RPO)
     latents: Optional[Tensor] = None  # [B, 2, C, h, w] from the cache
     latents_flip: Optional[Tensor] = None
     embeds_w: Optional[Tensor] = None  # cached text embeddings (winner caption / loser caption under DCPO)
@@ -95,7 +96,7 @@ def load_pairs_table(source: str, split: str = "train"):
 class PreferencePairs(torch.utils.data.Dataset):
     def __init__(self, source: str, split: str = "train", resolution: int = 512, center_crop: bool = True,
                  drop_ties: bool = True, columns: dict | None = None, max_examples: int | None = None,
-                 seed: int = 0, dual_captions: bool = False, with_user: bool = False):
+                 seed: int = 0, dual_captions: bool = False, with_user: bool = False, soft_labels: bool = False):
         ds, self.root = load_pairs_table(source, split)
         ds = rename_columns(ds, columns or {}, source)
         need = ["jpg_0", "jpg_1", "label_0"] + (["caption_0", "caption_1"] if dual_captions else ["caption"])
@@ -108,6 +109,12 @@ class PreferencePairs(torch.utils.data.Dataset):
         l1 = [float(x) for x in ds["label_1"]] if "label_1" in ds.column_names else [1.0 - x for x in l0]
         keep, ties = [], 0
         for i, (a, b) in enumerate(zip(l0, l1)):
+            if soft_labels:  # any P(image 0 preferred) in [0, 1]; order kept, nothing dropped
+                if not (0.0 <= a <= 1.0) or abs(a + b - 1.0) > 1e-6:
+                    raise DataError(f"{source}: row {i}: soft labels label_0={a}, label_1={b} must be in [0, 1] "
+                                    "and sum to 1")
+                keep.append(i)
+                continue
             if a not in (0.0, 0.5, 1.0) or abs(a + b - 1.0) > 1e-6:
                 raise DataError(f"{source}: row {i}: label_0={a}, label_1={b}; expected (1, 0), (0, 1) or a tie (0.5, 0.5)")
             if a == 0.5:
@@ -121,7 +128,10 @@ class PreferencePairs(torch.utils.data.Dataset):
             keep = keep[:max_examples]
         if not keep:
             raise DataError(f"{source}: no non-tie pairs ({ties} ties dropped)")
-        self.ds, self.rows, self.ties, self.swap = ds, keep, ties, [l0[i] == 0.0 for i in keep]
+        self.soft = soft_labels
+        self.labels = [l0[i] for i in keep]
+        self.ds, self.rows, self.ties = ds, keep, ties
+        self.swap = [False] * len(keep) if soft_labels else [l0[i] == 0.0 for i in keep]
         self.skipped_rows: list[int] = []
         if ties:
             log.info("%s: dropped %d tie pairs, kept %d", source, ties, len(keep))
@@ -171,7 +181,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         if swap:
             pix = pix.flip(0)
         out = {"pixels": pix, "index": i, "original_size": (a.height, a.width),
-               "crop_top_left": (box[2], box[3])}
+               "crop_top_left": (box[2], box[3]), "label": self.labels[i]}
         if self.dual:
             c0, c1 = row["caption_0"], row["caption_1"]
             out["caption"], out["caption_rejected"] = (c1, c0) if swap else (c0, c1)
@@ -195,6 +205,7 @@ class PreferencePairs(torch.utils.data.Dataset):
             crop_top_left=torch.tensor([x["crop_top_left"] for x in good], dtype=torch.float32),
             captions_rejected=[x["caption_rejected"] for x in good] if self.dual else None,
             user_ids=[x["user_id"] for x in good] if self.with_user else None,
+            labels=torch.tensor([x["label"] for x in good], dtype=torch.float32) if self.soft else None,
             skipped=skipped,
         )
 

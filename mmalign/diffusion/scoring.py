@@ -56,12 +56,14 @@ def encode_prompts(pipe, prompts: list[str], device, kind: str, original_size=No
 
 
 def draw_noise(shape: tuple, generators: list[torch.Generator], num_train_timesteps: int, device,
-               dtype=torch.float32) -> tuple[Tensor, Tensor]:
-    """One noise tensor and one t ~ U{0..T-1} per pair, from that pair's own generator (so they do not
-    depend on batch composition, process count or resume)."""
-    noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
-    t = torch.stack([torch.randint(0, num_train_timesteps, (1,), generator=g)[0] for g in generators]).to(device)
-    return noise, t
+               dtype=torch.float32, shared: bool = True) -> tuple[Tensor, Tensor]:
+    """Noise and t ~ U{0..T-1} per pair, from that pair's own generator (so they do not depend on batch
+    composition, process count or resume). ``shared``: one draw for both images ([B, ...], [B]);
+    otherwise one per image ([B, 2, ...], [B, 2]), as RPO does."""
+    k = () if shared else (2,)
+    noise = torch.stack([torch.randn(k + tuple(shape), generator=g) for g in generators]).to(device, dtype)
+    t = torch.stack([torch.randint(0, num_train_timesteps, k or (1,), generator=g) for g in generators])
+    return noise, (t[:, 0] if shared else t).to(device)
 
 
 def noisy_and_target(scheduler, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,10 +82,11 @@ def pair_mse(unet, scheduler, x0: Tensor, noise: Tensor, t: Tensor, cond: Cond,
     ``cond`` for 2B samples (winners first). ``xt_target``: precomputed (x_t, target) for the 2B samples
     (DDIM-InPO's inverted latents and re-derived noise). Returns per-sample MSE ``[2B]`` (fp32)."""
     b = x0.shape[0]
-    tt = torch.cat([t, t])
+    per_image = t.dim() == 2  # independent noise and t for each image of the pair
+    tt = torch.cat([t[:, 0], t[:, 1]]) if per_image else torch.cat([t, t])
     if xt_target is None:
         x = torch.cat([x0[:, 0], x0[:, 1]])
-        n = torch.cat([noise, noise])
+        n = torch.cat([noise[:, 0], noise[:, 1]]) if per_image else torch.cat([noise, noise])
         x_t, target = noisy_and_target(scheduler, x, n, tt)
     else:
         x_t, target = xt_target

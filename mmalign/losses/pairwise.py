@@ -27,17 +27,24 @@ def _delta(pc, pr, rc, rr, divergence, alpha, reference_free):
     return rho_w, rho_l, s_w, s_l
 
 
-def _smoothed_sigmoid(logits: Tensor, eps: float) -> Tensor:
+def _smoothed_sigmoid(logits: Tensor, eps) -> Tensor:
+    """-(1 - eps) log sigma(x) - eps log sigma(-x). ``eps`` is a float in [0, 1) (cDPO), or a per-pair
+    tensor in [0, 1] -- soft labels y = 1 - eps, e.g. RPO's Bernoulli labels (eps = 1 flips the pair)."""
+    loss = -F.logsigmoid(logits)
+    if isinstance(eps, Tensor):
+        eps = eps.to(logits.device, logits.dtype)
+        if eps.shape != logits.shape or bool(((eps < 0) | (eps > 1)).any()):
+            raise ValueError(f"per-pair label_smoothing must have shape {tuple(logits.shape)} with values in [0, 1]")
+        return (1.0 - eps) * loss - eps * F.logsigmoid(-logits)
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {eps}")
-    loss = -F.logsigmoid(logits)
     if eps:
         loss = (1.0 - eps) * loss - eps * F.logsigmoid(-logits)
     return loss
 
 
 @register("dpo", reference_free_ok=True)
-def dpo(pc, pr, rc, rr, *, beta: float = 0.1, label_smoothing: float = 0.0,
+def dpo(pc, pr, rc, rr, *, beta: float = 0.1, label_smoothing: float | Tensor = 0.0,
         divergence: str = "reverse_kl", alpha: float = 0.5, reference_free: bool = False):
     """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7): -log sigma(beta * (rho_w - rho_l)).
 
@@ -268,12 +275,15 @@ def aot_unpaired(pc, pr, rc, rr, *, beta: float = 0.1, label_smoothing: float = 
 
 @register("rpo", uses=("lengths",), reference_free_ok=True)
 def rpo(pc, pr, rc, rr, *, beta: float = 0.1, sft_weight: float = 1.0, chosen_lengths=None,
-        rejected_lengths=None, label_smoothing: float = 0.0, reference_free: bool = False):
+        rejected_lengths=None, label_smoothing: float | Tensor = 0.0, reference_free: bool = False):
     """RPO = DPO + SFT on the chosen sample (Pang et al. 2024, arXiv 2404.19733, Eq. 1; Liu et al.
     2024, arXiv 2405.16436): loss = L_DPO + sft_weight * NLL(y_w).
 
     NLL(y_w) = -pc / |y_w| when lengths are given (Iterative RPO's length normalisation), else -pc.
-    For diffusion, pc = -mse(winner), so the term is the winner's denoising MSE.
+    For diffusion, pc = -mse(winner), so the term is the winner's denoising MSE. Subject-driven RPO
+    (Miao et al. 2024, arXiv 2405.16436, Eq. 8) is this loss with the reference image as "chosen", the
+    generated image as "rejected", per-pair soft labels ``label_smoothing = 1 - y`` (y ~ Bernoulli of the
+    lambda-harmonic preference) and sft_weight = 1 (the reconstruction term on reference images).
     Deviation from TRL's ``["sigmoid", "sft"]``: TRL takes the token mean over the *whole batch*;
     ours is per sequence, identical when completion lengths are equal.
     """

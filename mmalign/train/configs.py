@@ -245,6 +245,11 @@ class DiffusionDataSection:
     """0: fresh noise and t every step; K > 0: K fixed draws per pair (required by reference=precomputed)"""
     dual_captions: bool = False
     """DCPO: read caption_0 / caption_1 and condition each image on its own caption"""
+    label_mode: Literal["winner_first", "soft"] = "winner_first"
+    """soft: keep image 0 as 'chosen' and pass label_0 as a per-pair soft label (RPO's reference-vs-generated
+    pairs with Bernoulli labels); winner_first: reorder so the preferred image comes first"""
+    shared_noise: bool = True
+    """winner and loser share t and noise (Diffusion-DPO); false draws them independently (RPO)"""
 
     def validate(self):
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -263,6 +268,20 @@ class InversionSection:
 
 
 @dataclass(kw_only=True)
+class PPDSection:
+    """Personalised preference fine-tuning: per-user embeddings through decoupled cross-attention."""
+
+    encoder: str = "toy_clip"
+    """a CLIP-family REWARDS entry whose image encoder summarises each user's examples"""
+    encoder_model: Optional[str] = None
+    encoder_tiny: bool = False
+    """random tiny encoder weights (tests)"""
+    examples_per_user: int = 4
+    n_tokens: int = 4
+    scale: float = 1.0
+
+
+@dataclass(kw_only=True)
 class ValidationSection:
     """Sample grids from fixed prompts and seeds at every ``train.eval_every`` steps (and step 0)."""
 
@@ -272,6 +291,16 @@ class ValidationSection:
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
     resolution: Optional[int] = None
+    reward: Optional[str] = None
+    """score validation images with this REWARDS entry (e.g. lambda_harmonic) -> eval/reward"""
+    reward_model: Optional[str] = None
+    reward_args: dict[str, Any] = field(default_factory=dict)
+    references: Optional[str] = None
+    """folder of reference (subject) images for reference-based rewards"""
+    select_best: bool = False
+    """export the model to <output_dir>/best whenever eval/reward improves (RPO's checkpoint selection)"""
+    patience: int = 0
+    """early stopping: stop after this many evaluations without improvement (0 = never)"""
 
 
 @dataclass(kw_only=True)
@@ -291,6 +320,8 @@ class DiffusionConfig:
     validation: ValidationSection = field(default_factory=ValidationSection)
     inversion: Optional[InversionSection] = None
     """set to use DDIM-InPO inputs (inverted latents, re-derived noise) with any pairwise loss"""
+    ppd: Optional[PPDSection] = None
+    """set for multi-user PPD training (data needs a user_id column)"""
 
     runner = "mmalign.train.diffusion:run"
 

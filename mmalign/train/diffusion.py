@@ -101,6 +101,9 @@ class DiffusionRecipe:
                     p.data = p.data.float()
         else:
             unet.requires_grad_(True)
+        self.user_emb: dict = {}
+        if cfg.ppd is not None:
+            self._setup_ppd(unet)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.to(dev)
@@ -137,7 +140,10 @@ class DiffusionRecipe:
 
             self.ema = EMAModel(self.trainable_parameters(), decay=cfg.model.ema_decay, foreach=True)
         self.running = RunningMoments() if "running" in self.loss_fn.uses else None
-        self.scorer = None  # optional fn(images, prompts) -> list[float], e.g. the demo oracle
+        if d.label_mode == "soft" and "label_smoothing" in self.hp:
+            raise ValueError("data.label_mode=soft sets label_smoothing per pair; remove loss.label_smoothing")
+        self.scorer = self._validation_scorer()  # fn(images, prompts) -> list[float]; the demo sets the oracle
+        self.best_reward, self.best_step, self.evals_since_best, self.stop = -math.inf, None, 0, False
         self.samples_dir = Path(cfg.train.output_dir) / "samples"
         self.ref_tables: dict[str, Tensor] = {}
         if kind == "precomputed":
@@ -145,12 +151,51 @@ class DiffusionRecipe:
             if self.eval_data is not None:
                 self.ref_tables["eval"] = self.precompute(self.eval_data, "eval", 1)
 
+    def _setup_ppd(self, unet):
+        """Embed every user from their first examples, then add the user branch to the UNet."""
+        from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch
+        from mmalign.rewards import load_reward
+
+        p, d = self.cfg.ppd, self.cfg.data
+        pairs = self._pairs(d.train, d.split, d.max_examples)
+        enc = ClipPreferenceEncoder(load_reward(p.encoder, model=p.encoder_model, device=self.acc.device,
+                                                tiny=p.encoder_tiny).backbone)
+        by_user: dict = {}
+        for i, uid in enumerate(pairs.ds["user_id"][j] for j in pairs.rows):
+            if len(by_user.setdefault(str(uid), [])) < p.examples_per_user:
+                by_user[str(uid)].append(i)
+        for uid, rows in by_user.items():
+            ims = [pairs.load_images(i) for i in rows]
+            self.user_emb[uid] = enc.embed([a for a, _ in ims], [b for _, b in ims])
+        dim = next(iter(self.user_emb.values())).numel()
+        add_user_branch(unet, dim, p.n_tokens, p.scale)
+
+    def user_embedding(self, user_id) -> Tensor:
+        if str(user_id) not in self.user_emb:
+            raise KeyError(f"unknown user_id {user_id!r}; known users: {sorted(self.user_emb)}")
+        return self.user_emb[str(user_id)]
+
+    def _validation_scorer(self):
+        v = self.cfg.validation
+        if v.reward is None:
+            return None
+        from mmalign.rewards import load_reward
+        from mmalign.rewards.cli import list_images, read_images
+
+        reward = load_reward(v.reward, model=v.reward_model, device=self.acc.device, **v.reward_args)
+        refs = read_images(list_images(v.references))[1] if v.references else None
+        if reward.needs_references and not refs:
+            raise ValueError(f"validation.reward={v.reward} needs validation.references (a folder of images)")
+        return lambda images, prompts: reward.score(images, prompts if reward.needs_prompts else None,
+                                                    refs).tolist()
+
     # ------------------------------------------------------------------ data
 
     def _pairs(self, source, split, max_examples):
         d = self.cfg.data
         return PreferencePairs(source, split, d.resolution, d.center_crop, d.drop_ties, d.columns, max_examples,
-                               seed=self.cfg.train.seed, dual_captions=d.dual_captions)
+                               seed=self.cfg.train.seed, dual_captions=d.dual_captions,
+                               soft_labels=d.label_mode == "soft", with_user=self.cfg.ppd is not None)
 
     def _cached(self, pairs: PreferencePairs, path: Path) -> CachedPairs:
         if self.acc.is_main_process:
@@ -250,7 +295,8 @@ class DiffusionRecipe:
         else:
             pix = torch.stack([p.flip(-1) if f else p for p, f in zip(batch.pixels, flip)])
             x0 = self.encode_pixels(pix)
-        noise, t = draw_noise(tuple(x0.shape[2:]), gens, self.comp.noise_scheduler.config.num_train_timesteps, dev)
+        noise, t = draw_noise(tuple(x0.shape[2:]), gens, self.comp.noise_scheduler.config.num_train_timesteps, dev,
+                              shared=d.shared_noise)
         if batch.embeds_w is not None:
             cond = self._cached_cond(batch, drop)
         else:
@@ -263,6 +309,11 @@ class DiffusionRecipe:
             cond = cond_w.cat(cond_w if caps_l is caps_w else enc(caps_l))
         cond = Cond(cond.embeds.float(), None if cond.pooled is None else cond.pooled.float(),
                     None if cond.time_ids is None else cond.time_ids.float())
+        if self.cfg.ppd is not None:  # PPD: the pair's user tokens after the text tokens
+            from mmalign.diffusion.users import with_user_tokens
+
+            e = torch.stack([self.user_embedding(u) for u in batch.user_ids]).to(dev)
+            cond.embeds = with_user_tokens(cond.embeds, torch.cat([e, e]), self.unet)
         return x0, noise, t, cond
 
     def _cached_cond(self, batch: ImagePairBatch, drop: list[bool]) -> Cond:
@@ -289,15 +340,19 @@ class DiffusionRecipe:
 
     @contextlib.contextmanager
     def _reference(self):
+        from mmalign.diffusion.users import user_branch
+
         with torch.no_grad():
             if self.ref_kind == "copy":
-                yield self.ref_unet
+                with user_branch(self.ref_unet, False):  # PPD: the reference is the base model
+                    yield self.ref_unet
             elif self.ref_kind in ("peft", "precomputed"):
                 lora = self.cfg.model.lora is not None
                 if lora:
                     self.unet.disable_adapters()
                 try:
-                    yield self.unet
+                    with user_branch(self.unet, False):
+                        yield self.unet
                 finally:
                     if lora:
                         self.unet.enable_adapters()
@@ -355,6 +410,8 @@ class DiffusionRecipe:
                 extras["gather"] = self.acc.gather if self.acc.num_processes > 1 else None
             else:
                 extras["shift"] = self.running.mean
+        if batch.labels is not None:  # soft labels (RPO): y = P(image 0 preferred) -> per-pair smoothing 1 - y
+            extras["label_smoothing"] = 1.0 - batch.labels.to(mw.device)
         loss, m = self.loss_fn(-mw, -ml, -rw, -rl, beta=0.5 * self.beta, **self.hp, **extras)
         m.update(model_mse_w=mw.detach(), model_mse_l=ml.detach(), ref_mse_w=rw.detach(), ref_mse_l=rl.detach())
         return StepOutput(loss, m)
@@ -405,6 +462,7 @@ class DiffusionRecipe:
             if self.scorer is not None:
                 scores = self.scorer(images, prompts)
                 out["reward"] = float(sum(scores) / len(scores))
+                self._select(step, out["reward"])
             for tracker in self.acc.trackers:
                 if tracker.name == "tensorboard":
                     import numpy as np
@@ -412,6 +470,36 @@ class DiffusionRecipe:
                     tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step,
                                               dataformats="NHWC")
         return out
+
+    def _export_users(self, out: Path):
+        """PPD: the user branch weights and the user embeddings (``load_user_branch`` reads them back)."""
+        from safetensors.torch import save_file
+
+        from mmalign.diffusion.users import UserAttnProcessor
+
+        state = {f"tokens.{k}": v for k, v in self.unet.user_tokens.state_dict().items()}
+        for name, proc in self.unet.attn_processors.items():
+            if isinstance(proc, UserAttnProcessor):
+                state.update({f"attn.{name}.{k}": v for k, v in proc.state_dict().items()})
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "user_branch.safetensors"))
+        save_file({f"user.{u}": e.contiguous() for u, e in self.user_emb.items()}, str(out / "user_embeddings.safetensors"))
+        (out / "user_branch.json").write_text(json.dumps({"n_tokens": self.cfg.ppd.n_tokens, "scale": self.cfg.ppd.scale,
+                                                          "users": sorted(self.user_emb)}))
+
+    def _select(self, step: int, reward: float):
+        """Reward-based checkpoint selection (RPO): export to <output_dir>/best on improvement, and stop
+        after ``validation.patience`` evaluations without one."""
+        v = self.cfg.validation
+        if reward > self.best_reward:
+            self.best_reward, self.best_step, self.evals_since_best = reward, step, 0
+            if v.select_best:
+                self.export(Path(self.cfg.train.output_dir) / "best", card={"step": step, "reward": round(reward, 5)})
+        else:
+            self.evals_since_best += 1
+            if v.patience and self.evals_since_best >= v.patience:
+                self.stop = True
+                print(f"early stop at step {step}: no reward improvement in {v.patience} evaluations "
+                      f"(best {self.best_reward:.4f} at step {self.best_step})", flush=True)
 
     def export(self, out_dir: str | Path, card: dict | None = None):
         """LoRA: ``pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights(out_dir)``.
@@ -425,6 +513,8 @@ class DiffusionRecipe:
             self.ema.store(params)
             self.ema.copy_to(params)
         try:
+            if self.cfg.ppd is not None:
+                self._export_users(out)
             pipe = self.comp.pipeline(self.unet)
             if self.cfg.model.lora is not None:
                 from diffusers.utils import convert_state_dict_to_diffusers

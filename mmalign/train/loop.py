@@ -353,6 +353,9 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                     t0 = time.time()
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                     evaluate(step)
+                    stop = torch.tensor([float(getattr(recipe, "stop", False))])
+                    if float(reduce_sum(stop)[0]) > 0:  # early stopping decided by the recipe (any rank)
+                        break
                 if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
                     save(step)
     except KeyboardInterrupt:
