@@ -32,13 +32,13 @@ class DemoSettings:
     out: str = "runs/demo"
     model: str = str(DEMO_MODEL)
     steps: int = 300
-    candidates: int = 24
+    candidates: int = 32
     """samples per training prompt to label"""
     min_margin: float = 0.25
     """keep pairs whose oracle scores differ by at least this"""
     eval_seeds: int = 8
-    beta: float = 1000.0
-    lr: float = 1e-4
+    beta: float = 2500.0
+    lr: float = 2e-5
     batch_size: int = 16
     lora_rank: int = 0
     """0 = full UNet fine-tune (frozen reference copy); > 0 = LoRA with the adapters-off reference"""
@@ -185,7 +185,7 @@ def run_demo(s: DemoSettings) -> dict:
 
     print(f"[3/4] Diffusion-DPO: {s.steps} steps, beta {s.beta:g}, "
           f"{'LoRA r=%d' % s.lora_rank if s.lora_rank else 'full UNet'}", flush=True)
-    val_prompts = s.held_out[:2] + train_prompts[:2]
+    val_prompts = s.held_out[:3] + train_prompts[:3]
     cfg = config_from_dict({
         "recipe": "diffusion",
         "model": {"kind": "sd", "name_or_path": s.model,
@@ -195,7 +195,7 @@ def run_demo(s: DemoSettings) -> dict:
         "train": {"output_dir": str(out / "train"), "max_steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
                   "eval_every": max(1, s.steps // 6), "log_every": max(1, s.steps // 30), "seed": s.seed,
                   "report_to": ["jsonl"], "max_grad_norm": 1.0},
-        "validation": {"prompts": val_prompts, "images_per_prompt": 8, "num_inference_steps": s.sample_steps,
+        "validation": {"prompts": val_prompts, "images_per_prompt": 6, "num_inference_steps": s.sample_steps,
                        "guidance_scale": s.guidance, "seed": 50_000},
     }, RECIPES)
     result = run(cfg, components=comp, scorer=oracle)
