@@ -14,7 +14,8 @@ Both put chosen and rejected through one forward and use SDPA; --gc adds gradien
 Each path runs in its own subprocess so peak memory (CUDA max allocated, or peak RSS on CPU) is its
 own. Prints a table, the ratios against the baseline, and one JSON line.
 
-    python scripts/bench_diffusion_dpo.py --size sd15 --latent 32          # the CPU target
+    python scripts/bench_diffusion_dpo.py --size sd15 --latent 32          # the CPU target (~4 min)
+    python scripts/bench_diffusion_dpo.py --size sd15 --latent 32 --paths naive,lora,full+precomp
     python scripts/bench_diffusion_dpo.py --size sdxl --latent 128 --gc    # GPU, 1024 px
 """
 from __future__ import annotations
@@ -160,7 +161,8 @@ def run_naive(size: str, latent: int, steps: int, batch: int) -> dict:
 # ------------------------------------------------------------------ mmalign path (child process)
 
 
-def run_mmalign(size: str, latent: int, steps: int, batch: int, mode: str, gc: bool, compile_: bool) -> dict:
+def run_mmalign(size: str, latent: int, steps: int, batch: int, mode: str, gc: bool, compile_: bool,
+                cache: bool = True) -> dict:
     from accelerate import Accelerator
 
     from mmalign.config import config_from_dict
@@ -172,7 +174,8 @@ def run_mmalign(size: str, latent: int, steps: int, batch: int, mode: str, gc: b
 
     px = image_px(size, latent)
     tmp = Path(tempfile.mkdtemp(prefix="mmalign-bench-"))
-    write_pickapic_parquet(tmp / "pairs.parquet", synthetic_pairs(max(8, batch * 4), seed=0, image_size=px))
+    # exactly the rows the timed steps read: the cache build (part of setup, reported apart) stays small
+    write_pickapic_parquet(tmp / "pairs.parquet", synthetic_pairs(batch * (steps + 1), seed=0, image_size=px))
     cuda = torch.cuda.is_available()
     model = {"kind": "sdxl" if size == "sdxl" else "sd", "name_or_path": "unused", "gradient_checkpointing": gc,
              "compile": compile_}
@@ -182,7 +185,8 @@ def run_mmalign(size: str, latent: int, steps: int, batch: int, mode: str, gc: b
         model["reference"] = "precomputed"
     cfg = config_from_dict({
         "recipe": "diffusion", "model": model,
-        "data": {"train": str(tmp / "pairs.parquet"), "resolution": px, "cache_dir": str(tmp / "cache"),
+        "data": {"train": str(tmp / "pairs.parquet"), "resolution": px,
+                 "cache_dir": str(tmp / "cache") if cache else None, "random_flip": False,
                  **({"noise_draws": 1} if mode != "lora" else {})},
         "loss": {"name": "dpo", "beta": 5000},
         "train": {"output_dir": str(tmp / "run"), "max_steps": steps + 1, "batch_size": batch, "lr": 1e-8,
@@ -206,7 +210,8 @@ def child(args) -> None:
     if args.path == "naive":
         out = run_naive(args.size, args.latent, args.steps, args.batch)
     else:
-        out = run_mmalign(args.size, args.latent, args.steps, args.batch, args.path, args.gc, args.compile)
+        out = run_mmalign(args.size, args.latent, args.steps, args.batch, args.path, args.gc, args.compile,
+                          not args.no_cache)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -216,9 +221,10 @@ def main():
     ap.add_argument("--latent", type=int, default=32, help="latent side (image side = 8x for SD VAEs)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per path (after one warm-up step)")
     ap.add_argument("--batch", type=int, default=1, help="pairs per step")
-    ap.add_argument("--paths", default="naive,lora,full+precomp")
+    ap.add_argument("--paths", default="naive,lora", help="comma list of naive, lora, full+precomp")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing on the mmalign paths")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet on the mmalign paths")
+    ap.add_argument("--no-cache", action="store_true", help="mmalign paths encode images and text every step")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.path:
@@ -227,7 +233,7 @@ def main():
     for path in args.paths.split(","):
         cmd = [sys.executable, __file__, "--path", path, "--size", args.size, "--latent", str(args.latent),
                "--steps", str(args.steps), "--batch", str(args.batch)] + (["--gc"] if args.gc else []) + \
-              (["--compile"] if args.compile else [])
+              (["--compile"] if args.compile else []) + (["--no-cache"] if args.no_cache else [])
         print(f"running {path} ...", flush=True)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
@@ -241,7 +247,8 @@ def main():
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     base = results.get("naive", {})
     print(f"\nDiffusion-DPO step, {args.size}-sized UNet, {args.latent}x{args.latent} latents, {args.batch} pair(s)/step, "
-          f"{device}{', grad ckpt' if args.gc else ''}{', compile' if args.compile else ''}")
+          f"{device}{', grad ckpt' if args.gc else ''}{', compile' if args.compile else ''}"
+          f"{', no cache' if args.no_cache else ''}")
     from mmalign.utils import print_table
 
     rows = []
@@ -254,7 +261,8 @@ def main():
         rows.append([k, f"{r['sec_per_step']:.3f}", sp, f"{r['peak_mb']:.0f}", mem, f"{r['trainable'] / 1e6:.1f}M"])
     print_table(["path", "s/step", "speed vs naive", "peak MB", "memory vs naive", "trainable"], rows)
     print("JSON " + json.dumps({"size": args.size, "latent": args.latent, "batch": args.batch, "device": device,
-                                "gc": args.gc, "compile": args.compile, "results": results}))
+                                "gc": args.gc, "compile": args.compile, "cache": not args.no_cache,
+                                "results": results}))
 
 
 if __name__ == "__main__":

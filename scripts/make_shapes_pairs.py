@@ -2,6 +2,7 @@
 
 Columns are Pick-a-Pic v2's (caption, jpg_0, jpg_1 as PNG bytes, label_0, label_1, ranking_id); the
 preferred image shows its caption, the other the wrong colour or shape; a few rows are ties.
+users.parquet adds a user_id column (PPD).
 
     python scripts/make_shapes_pairs.py
 """
@@ -19,7 +20,11 @@ def main():
     out = Path(args.out)
     write_pickapic_parquet(out / "train.parquet", synthetic_pairs(96, seed=0, ties=4))
     write_pickapic_parquet(out / "validation.parquet", synthetic_pairs(32, seed=1))
-    print(f"wrote {out}/train.parquet (96 rows, 4 ties) and validation.parquet (32 rows)")
+    users = synthetic_pairs(32, seed=5)
+    for i, r in enumerate(users):  # PPD: alternate two users
+        r["user_id"] = f"user{i % 2}"
+    write_pickapic_parquet(out / "users.parquet", users)
+    print(f"wrote {out}/train.parquet (96 rows, 4 ties), validation.parquet (32 rows), users.parquet (32 rows)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -145,17 +146,31 @@ def grid_image(base, tuned, prompts, seeds_per_prompt: int, path: Path, show: li
     g.save(path)
 
 
-def run_demo(s: DemoSettings) -> dict:
-    from mmalign.config import config_from_dict
+def demo_config(s: DemoSettings, pairs_file: str, out: str, val_prompts: list[str], extra: dict | None = None):
+    """The ``diffusion`` recipe config the demo trains with; ``extra`` deep-merges method options."""
+    from mmalign.config import config_from_dict, deep_merge
+    from mmalign.train.configs import RECIPES
+
+    base = {
+        "recipe": "diffusion",
+        "model": {"kind": "sd", "name_or_path": s.model,
+                  **({"lora": {"r": s.lora_rank, "alpha": s.lora_rank}} if s.lora_rank else {})},
+        "data": {"train": pairs_file, "resolution": 32, "random_flip": True},
+        "loss": {"name": s.loss, "beta": s.beta},
+        "train": {"output_dir": out, "max_steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
+                  "eval_every": max(1, s.steps // 6), "log_every": max(1, s.steps // 30), "seed": s.seed,
+                  "report_to": ["jsonl"], "max_grad_norm": 1.0},
+        "validation": {"prompts": val_prompts, "images_per_prompt": 6, "num_inference_steps": s.sample_steps,
+                       "guidance_scale": s.guidance, "seed": 50_000},
+    }
+    return config_from_dict(deep_merge(base, extra or {}), RECIPES)
+
+
+def prepare(s: DemoSettings, out: Path):
+    """Base model, its samples on the evaluation prompts/seeds, and oracle-labelled candidate pairs."""
     from mmalign.diffusion.data import write_pickapic_parquet
     from mmalign.diffusion.models import load_components
-    from mmalign.train.configs import RECIPES
-    from mmalign.train.diffusion import run
-    from mmalign.utils import print_table
 
-    t0 = time.time()
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
     comp = load_components("sd", s.model)
@@ -165,57 +180,64 @@ def run_demo(s: DemoSettings) -> dict:
     if unknown:
         raise ValueError(f"held-out prompts {unknown} are not prompts of the shapes world")
     train_prompts = [p for p in prompts if p not in s.held_out]
-
     print(f"[1/4] base model: sampling {len(prompts)} prompts x {s.eval_seeds} seeds", flush=True)
     eval_p = [p for p in prompts for _ in range(s.eval_seeds)]
     eval_seeds = [10_000 + j for _ in prompts for j in range(s.eval_seeds)]
     base_imgs = sample(pipe, eval_p, eval_seeds, s)
-    base_scores = oracle(base_imgs, eval_p)
-
     print(f"[2/4] labelling: {s.candidates} candidates x {len(train_prompts)} training prompts with the oracle",
           flush=True)
     cand_p = [p for p in train_prompts for _ in range(s.candidates)]
     cand_imgs = sample(pipe, cand_p, list(range(len(cand_p))), s)
-    cand_scores = oracle(cand_imgs, cand_p)
-    pairs = label_pairs(cand_imgs, cand_p, cand_scores, s.min_margin, rng)
+    pairs = label_pairs(cand_imgs, cand_p, oracle(cand_imgs, cand_p), s.min_margin, rng)
     if len(pairs) < s.batch_size:
         raise RuntimeError(f"only {len(pairs)} preference pairs with margin >= {s.min_margin}; lower --min-margin")
     write_pickapic_parquet(out / "pairs.parquet", pairs)
     print(f"      {len(pairs)} pairs (Pick-a-Pic v2 schema) -> {out / 'pairs.parquet'}", flush=True)
+    return SimpleNamespace(comp=comp, prompts=prompts, train_prompts=train_prompts, eval_p=eval_p,
+                           eval_seeds=eval_seeds, base_imgs=base_imgs, base_scores=oracle(base_imgs, eval_p),
+                           base_ok=[is_correct(i, p) for i, p in zip(base_imgs, eval_p)], pairs=len(pairs))
 
+
+def train_and_evaluate(s: DemoSettings, prep, cfg):
+    """Train a fresh copy of the base model with ``cfg`` and score it on the evaluation prompts/seeds."""
+    import copy
+
+    from mmalign.train.diffusion import run
+
+    comp = copy.deepcopy(prep.comp)
+    t0 = time.time()
+    result = run(cfg, components=comp, scorer=oracle)
+    train_s = time.time() - t0
+    tuned_imgs = sample(comp.pipeline(result.recipe.unet), prep.eval_p, prep.eval_seeds, s)
+    tuned_scores = oracle(tuned_imgs, prep.eval_p)
+    tuned_ok = [is_correct(i, p) for i, p in zip(tuned_imgs, prep.eval_p)]
+    table = summarize(prep.base_scores, tuned_scores, prep.base_ok, tuned_ok, prep.eval_p, s.held_out)
+    return SimpleNamespace(result=result, table=table, tuned_imgs=tuned_imgs, train_seconds=train_s)
+
+
+def run_demo(s: DemoSettings) -> dict:
+    from mmalign.utils import print_table
+
+    t0 = time.time()
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prep = prepare(s, out)
     print(f"[3/4] Diffusion-DPO: {s.steps} steps, beta {s.beta:g}, "
           f"{'LoRA r=%d' % s.lora_rank if s.lora_rank else 'full UNet'}", flush=True)
-    val_prompts = s.held_out[:3] + train_prompts[:3]
-    cfg = config_from_dict({
-        "recipe": "diffusion",
-        "model": {"kind": "sd", "name_or_path": s.model,
-                  **({"lora": {"r": s.lora_rank, "alpha": s.lora_rank}} if s.lora_rank else {})},
-        "data": {"train": str(out / "pairs.parquet"), "resolution": 32, "random_flip": True},
-        "loss": {"name": s.loss, "beta": s.beta},
-        "train": {"output_dir": str(out / "train"), "max_steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
-                  "eval_every": max(1, s.steps // 6), "log_every": max(1, s.steps // 30), "seed": s.seed,
-                  "report_to": ["jsonl"], "max_grad_norm": 1.0},
-        "validation": {"prompts": val_prompts, "images_per_prompt": 6, "num_inference_steps": s.sample_steps,
-                       "guidance_scale": s.guidance, "seed": 50_000},
-    }, RECIPES)
-    result = run(cfg, components=comp, scorer=oracle)
-    tuned_unet = result.recipe.unet
-
-    print("[4/4] tuned model: same prompts and seeds", flush=True)
-    tuned_imgs = sample(comp.pipeline(tuned_unet), eval_p, eval_seeds, s)
-    tuned_scores = oracle(tuned_imgs, eval_p)
-    base_ok = [is_correct(i, p) for i, p in zip(base_imgs, eval_p)]
-    tuned_ok = [is_correct(i, p) for i, p in zip(tuned_imgs, eval_p)]
-    table = summarize(base_scores, tuned_scores, base_ok, tuned_ok, eval_p, s.held_out)
-
-    show = s.held_out[:3] + train_prompts[:3]
-    grid_image(base_imgs, tuned_imgs, eval_p, s.eval_seeds, out / "grid.png", show)
+    val_prompts = s.held_out[:3] + prep.train_prompts[:3]
+    cfg = demo_config(s, str(out / "pairs.parquet"), str(out / "train"), val_prompts)
+    print("[4/4] training, then the tuned model on the same prompts and seeds", flush=True)
+    te = train_and_evaluate(s, prep, cfg)
+    result, table = te.result, te.table
+    show = s.held_out[:3] + prep.train_prompts[:3]
+    grid_image(prep.base_imgs, te.tuned_imgs, prep.eval_p, s.eval_seeds, out / "grid.png", show)
     base_val = [r for r in result.eval_history if r["step"] == 0 and "eval/reward" in r]
     plot_curves(result.history, result.eval_history, out / "reward_curve.png",
                 base_val[0]["eval/reward"] if base_val else float("nan"))
     wall = time.time() - t0
-    report = {"settings": asdict(s), "pairs": len(pairs), "table": table, "wall_seconds": wall,
-              "train_history": result.history, "eval_history": result.eval_history}
+    report = {"settings": asdict(s), "pairs": prep.pairs, "table": table, "wall_seconds": wall,
+              "train_seconds": te.train_seconds, "train_history": result.history,
+              "eval_history": result.eval_history}
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
     print()
