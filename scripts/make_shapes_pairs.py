@@ -2,7 +2,7 @@
 
 Columns are Pick-a-Pic v2's (caption, jpg_0, jpg_1 as PNG bytes, label_0, label_1, ranking_id); the
 preferred image shows its caption, the other the wrong colour or shape; a few rows are ties.
-users.parquet adds a user_id column (PPD).
+users.parquet adds a user_id column (PPD); vqa_pairs*.parquet are VLM preference pairs.
 
     python scripts/make_shapes_pairs.py
 """
@@ -24,7 +24,32 @@ def main():
     for i, r in enumerate(users):  # PPD: alternate two users
         r["user_id"] = f"user{i % 2}"
     write_pickapic_parquet(out / "users.parquet", users)
-    print(f"wrote {out}/train.parquet (96 rows, 4 ties), validation.parquet (32 rows), users.parquet (32 rows)")
+    write_vqa_pairs(out / "vqa_pairs.parquet", 48, seed=6)
+    write_vqa_pairs(out / "vqa_pairs_test.parquet", 16, seed=7)
+    print(f"wrote {out}/train.parquet (96 rows, 4 ties), validation.parquet (32 rows), users.parquet (32 rows), "
+          "vqa_pairs(_test).parquet (VLM DPO: prompt, image, chosen, rejected)")
+
+
+def write_vqa_pairs(path, n, seed):
+    """Shapes-world VQA preference pairs: chosen answers the question, rejected names a wrong colour/shape."""
+    import io
+    import random
+
+    import datasets
+
+    from mmalign.demo.qa import QUESTIONS, answer
+    from mmalign.demo.world import COLORS, SHAPES, make_dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for im, _, sc in make_dataset(n, seed=seed):
+        kind = rng.choice(list(QUESTIONS))
+        wrong = answer(sc, kind, color=rng.choice([c for c in COLORS if c != sc.color]),
+                       shape=rng.choice([s for s in SHAPES if s != sc.shape]))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        rows.append({"prompt": QUESTIONS[kind], "image": buf.getvalue(), "chosen": answer(sc, kind), "rejected": wrong})
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
 
 
 if __name__ == "__main__":

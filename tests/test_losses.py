@@ -358,3 +358,15 @@ def test_activation_mask_and_token_kl():
     logits = torch.randn(2, 5, 11)
     assert torch.allclose(token_kl(logits, logits), torch.zeros(2, 5), atol=1e-6)
     assert (token_kl(logits, torch.randn(2, 5, 11)) <= 1e-6).all()  # -KL <= 0
+
+
+def test_reinforce_hand_value_and_gradient():
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    adv = torch.tensor([[0.5, -0.5], [1.0, 0.0]])
+    loss, m = LOSSES["reinforce"](lp, adv)
+    torch.testing.assert_close(loss, torch.tensor([-(0.5 * -1 - 0.5 * -2) / 2, -(1.0 * -0.5) / 2]))
+    loss.sum().backward()
+    torch.testing.assert_close(lp.grad, -adv / 2)  # gradient ascent on A * log p
+    torch.testing.assert_close(m["positive_fraction"], torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="differ"):
+        LOSSES["reinforce"](lp, adv[:, :1])

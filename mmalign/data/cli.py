@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def add_parsers(sub):
-    p = sub.add_parser("data", help="dataset tools: FiFA filtering, DCPO captions, RPO pairs")
+    p = sub.add_parser("data", help="dataset tools: FiFA filtering, DCPO captions, RPO pairs, BDHS")
     s = p.add_subparsers(dest="tool", required=True)
 
     f = s.add_parser("fifa", help="FiFA: keep the most informative, high-quality, diverse pairs")
@@ -50,6 +50,10 @@ def add_parsers(sub):
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True)
     r.set_defaults(func=cmd_rpo_pairs)
+
+    from mmalign.vl.bdhs import add_parser as add_bdhs
+
+    add_bdhs(s)
 
 
 def _table(path):

@@ -57,6 +57,10 @@ class Sequences(_Batch):
     input_ids: Tensor
     attention_mask: Tensor
     completion_mask: Tensor
+    pixel_values: Optional[Tensor] = None  # VLMs: one image per row
+
+    def model_inputs(self) -> dict:
+        return {} if self.pixel_values is None else {"pixel_values": self.pixel_values}
 
 
 @dataclass

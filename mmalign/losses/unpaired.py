@@ -113,3 +113,25 @@ def d2o(policy_samples, ref_samples, policy_rejected, ref_rejected, *, beta: flo
     margin = (pos - neg).detach()
     return loss, {"reward_accuracy": tie_accuracy(margin), "reward_margin": margin,
                   "chosen_reward": pos.detach(), "rejected_reward": neg.detach()}
+
+
+@register("reinforce", kind="policy_gradient", needs_reference=False)
+def reinforce(logps, advantages, *, mask=None):
+    """REINFORCE with a baseline (Williams 1992; self-critical sequence training, Rennie et al. 2017,
+    arXiv 1612.00563, Eq. 9): loss_i = -(1/K) sum_k A_ik log p(y_ik | x_i), A = reward - baseline (detached).
+
+    ``logps`` / ``advantages``: [B, K] (K samples per input; ``mask`` marks valid ones) or [B].
+    With the greedy caption's reward as baseline this is SCST; with the mean of the other samples or an
+    EMA it is the discriminative-captioning objective (Dessi et al. 2023)."""
+    lp = as_float(logps)
+    adv = as_float(torch.as_tensor(advantages, device=lp.device)).detach().to(lp.dtype)
+    if lp.shape != adv.shape:
+        raise ValueError(f"reinforce: logps {tuple(lp.shape)} and advantages {tuple(adv.shape)} differ")
+    if lp.dim() == 1:
+        lp, adv = lp[:, None], adv[:, None]
+    m = torch.ones_like(lp) if mask is None else torch.as_tensor(mask, device=lp.device).to(lp.dtype).view_as(lp)
+    k = m.sum(-1).clamp(min=1.0)
+    loss = -(adv * lp * m).sum(-1) / k
+    a = (adv * m).sum(-1) / k
+    pos = ((adv > 0).to(lp.dtype) * m).sum(-1) / k
+    return loss, {"advantage": a.detach(), "positive_fraction": pos.detach()}

@@ -183,6 +183,10 @@ class LMConfig:
 
     runner = "mmalign.train.lm:run"
 
+    def validate(self):
+        if self.loss.fn.kind not in ("pairwise", "token", "unpaired", "listwise", "negatives"):
+            raise ConfigError(f"recipe lm takes preference losses; {self.loss.name!r} is {self.loss.fn.kind}")
+
 
 RECIPES["lm"] = LMConfig
 
@@ -339,3 +343,150 @@ class DiffusionConfig:
 
 
 RECIPES["diffusion"] = DiffusionConfig
+
+
+# ---------------------------------------------------------------------------------------- captioners
+
+
+@dataclass(kw_only=True)
+class CaptionerModelSection:
+    name_or_path: Optional[str] = None
+    """a ClipCap folder (captioner.json) or a BLIP hub id / folder"""
+    tiny: Optional[dict[str, Any]] = None
+    """random tiny captioner: {kind: clipcap | blip, clip: optional CLIP folder for clipcap}"""
+
+    def validate(self):
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ConfigError("model: set exactly one of name_or_path or tiny")
+
+
+@dataclass(kw_only=True)
+class CaptionerDataSection:
+    images: Optional[str] = None
+    """a folder (or glob) of training images"""
+    shapes_world: int = 0
+    """render this many shapes-world scenes instead (the demo world; enables content-accuracy metrics)"""
+    eval_images: Optional[str] = None
+    eval_shapes_world: int = 0
+    seed: int = 0
+
+    def validate(self):
+        if (self.images is None) == (self.shapes_world == 0):
+            raise ConfigError("data: set exactly one of images or shapes_world")
+
+
+@dataclass(kw_only=True)
+class CaptionRewardSection:
+    """R = clip_weight * CLIP-S + grammar_weight * P(grammatical) (Cho et al. 2022; the paper's form is
+    1 / 2, the released code's 2 / 1), or the discriminative retrieval reward."""
+
+    kind: Literal["clip_s", "retrieval"] = "clip_s"
+    model: Optional[str] = None
+    """CLIP backbone (hub id, folder, open_clip:NAME); a folder with grammar_head.safetensors enables grammar"""
+    tiny: bool = False
+    prefix: str = "A photo depicts "
+    clip_weight: float = 1.0
+    grammar_weight: float = 0.0
+
+
+@dataclass(kw_only=True)
+class RLSection:
+    samples: int = 5
+    baseline: Literal["greedy", "mean", "ema"] = "greedy"
+    """greedy = SCST; mean = mean reward of the other samples; ema = running mean"""
+    ema_momentum: float = 0.9
+    temperature: float = 1.0
+
+
+@dataclass(kw_only=True)
+class CaptionerConfig:
+    """Reward fine-tuning of an image captioner (``recipe: captioner``): SCST with a CLIP(+grammar)
+    reward, or discriminative finetuning with a retrieval reward."""
+
+    recipe: Literal["captioner"] = "captioner"
+    model: CaptionerModelSection
+    data: CaptionerDataSection
+    reward: CaptionRewardSection = field(default_factory=CaptionRewardSection)
+    rl: RLSection = field(default_factory=RLSection)
+    loss: LossSection = field(default_factory=lambda: LossSection(name="reinforce"))
+    train: TrainSection = field(default_factory=TrainSection)
+
+    runner = "mmalign.train.captioner:run"
+
+    def validate(self):
+        if self.loss.fn.kind != "policy_gradient":
+            raise ConfigError(f"recipe captioner trains with a policy-gradient loss (reinforce), not {self.loss.name!r}")
+
+
+RECIPES["captioner"] = CaptionerConfig
+
+
+# ---------------------------------------------------------------------------------------- VLMs
+
+
+@dataclass(kw_only=True)
+class VLMModelSection:
+    name_or_path: Optional[str] = None
+    """LLaVA-style hub id / folder (AutoModelForImageTextToText + AutoProcessor)"""
+    tiny: Optional[dict[str, Any]] = None
+    """tiny LLaVA from configs: {seed, hidden, layers}"""
+    lora: Optional[LoraSection] = None
+    reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
+    freeze_vision: bool = True
+    """keep the vision tower frozen (the projector and language model train)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dropout: Optional[float] = 0.0
+    gradient_checkpointing: bool = False
+
+    def validate(self):
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ConfigError("model: set exactly one of name_or_path or tiny")
+
+
+@dataclass(kw_only=True)
+class VLMDataSection(TextDataSection):
+    train: Optional[str] = None
+    image_column: str = "image"
+
+
+@dataclass(kw_only=True)
+class OnlineSection:
+    """On-policy rounds: sample responses with the current policy, label them with a judge, train DPO."""
+
+    rounds: int = 2
+    prompts: Optional[str] = None
+    """a table with prompt + image columns; or use shapes_world"""
+    shapes_world: int = 0
+    """N rendered shapes-world images x the QA questions"""
+    samples: int = 4
+    steps_per_round: int = 50
+    temperature: float = 1.0
+    max_new_tokens: int = 24
+    judge: str = "shapes-qa"
+    """shapes-qa (the shapes-world QA judge) or a REWARDS name scoring (image, response)"""
+
+
+@dataclass(kw_only=True)
+class VLMConfig:
+    """Preference training of a LLaVA-style VLM with any pairwise loss (``recipe: vlm``); offline pairs,
+    or ``online`` rounds of on-policy pairs labelled by a judge (reward margin -> mm_dpo)."""
+
+    recipe: Literal["vlm"] = "vlm"
+    model: VLMModelSection
+    data: VLMDataSection = field(default_factory=VLMDataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    online: Optional[OnlineSection] = None
+    token_weights: Literal["mask", "sigmoid", "zn_rescale"] = "sigmoid"
+    token_kl: bool = True
+
+    runner = "mmalign.train.vlm:run"
+
+    def validate(self):
+        if self.loss.fn.kind != "pairwise":
+            raise ConfigError(f"recipe vlm takes pairwise losses; {self.loss.name!r} is {self.loss.fn.kind}")
+        if self.data.train is None and self.online is None:
+            raise ConfigError("vlm: set data.train (offline pairs) or online (on-policy rounds)")
+
+
+RECIPES["vlm"] = VLMConfig

@@ -23,7 +23,7 @@ from mmalign.diffusion.scoring import Cond, draw_noise, encode_prompts, pair_mse
 from mmalign.losses import MetricSums, RunningMoments
 
 from .configs import DiffusionConfig
-from .loop import StepOutput, example_generator, make_accelerator, train
+from .loop import StepOutput, eval_summary, example_generator, make_accelerator, train
 
 Tensor = torch.Tensor
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -556,21 +556,13 @@ def run(cfg: DiffusionConfig, accelerator=None, components: Components | None = 
     from accelerate.utils import set_seed
 
     from mmalign.config import to_dict
-    from mmalign.utils import print_table
 
     acc = accelerator or make_accelerator(cfg.train)
     set_seed(cfg.train.seed)
     recipe = DiffusionRecipe(cfg, acc, components)
     recipe.scorer = scorer
     result = train(recipe, cfg.train, acc, config=to_dict(cfg))
-    final = {}
-    if result.eval_history:
-        first, last = result.eval_history[0], result.eval_history[-1]
-        keys = [k for k in sorted(first) if k != "step" and isinstance(first[k], float) and not math.isnan(first[k])]
-        final = {k.removeprefix("eval/"): round(last[k], 4) for k in keys}
-        if acc.is_main_process:
-            print_table(["metric", f"step {first['step']}", f"step {last['step']}"],
-                        [[k.removeprefix("eval/"), f"{first[k]:.4f}", f"{last[k]:.4f}"] for k in keys])
+    final = eval_summary(result, acc)
     recipe.export(Path(cfg.train.output_dir) / "final", card=final)
     if acc.is_main_process:
         with open(Path(cfg.train.output_dir) / "final" / "summary.json", "w") as f:

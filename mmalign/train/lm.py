@@ -5,7 +5,6 @@ branches on a loss *name*. The same scoring code serves VLMs and captioners (``m
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -13,10 +12,8 @@ from mmalign.data.text import BinaryBatch, ListBatch, NegativesBatch, PairBatch,
 from mmalign.losses import MetricSums, RunningMoments, activation_mask, kto_kl, token_kl
 from mmalign.models.lm import Reference, TokenLogps, build_causal_lm, completion_logps
 
-from mmalign.utils import print_table
-
 from .configs import LMConfig
-from .loop import StepOutput, make_accelerator, train
+from .loop import StepOutput, eval_summary, make_accelerator, train
 
 Tensor = torch.Tensor
 
@@ -26,15 +23,10 @@ class LMRecipe:
         self.cfg, self.acc = cfg, accelerator
         self.loss_fn, self.hp = cfg.loss.fn, dict(cfg.loss.params)
         if model is None:
-            model, tokenizer = build_causal_lm(cfg.model)
+            model, tokenizer = self.build_model(cfg)
         self.model, self.tokenizer = model, tokenizer
         self.policy = model  # unwrapped handle (accelerate may wrap self.model in DDP)
-        fmt = format_for_loss(self.loss_fn)
-        d = cfg.data
-        self.train_data = TextPreferenceData(d.train, fmt, tokenizer, d.max_length, d.max_prompt_length, d.split,
-                                             d.columns)
-        self.eval_data = (TextPreferenceData(d.eval, fmt, tokenizer, d.max_length, d.max_prompt_length,
-                                             d.eval_split, d.columns, d.max_eval_examples) if d.eval else None)
+        self.train_data, self.eval_data = self.build_data(cfg, tokenizer)
         kind = cfg.model.reference
         if not self.loss_fn.needs_reference:
             kind = "none"
@@ -50,6 +42,17 @@ class LMRecipe:
             self.ref_tables = {"train": self.precompute(self.train_data)}
             if self.eval_data is not None:
                 self.ref_tables["eval"] = self.precompute(self.eval_data)
+
+    def build_model(self, cfg):
+        return build_causal_lm(cfg.model)
+
+    def build_data(self, cfg, tokenizer):
+        fmt = format_for_loss(self.loss_fn)
+        d = cfg.data
+        train = TextPreferenceData(d.train, fmt, tokenizer, d.max_length, d.max_prompt_length, d.split, d.columns)
+        ev = (TextPreferenceData(d.eval, fmt, tokenizer, d.max_length, d.max_prompt_length, d.eval_split, d.columns,
+                                 d.max_eval_examples) if d.eval else None)
+        return train, ev
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -88,7 +91,8 @@ class LMRecipe:
         return {"hidden": sparse and self.cfg.token_weights != "mask", "keep_logits": sparse and self.cfg.token_kl}
 
     def _logps(self, model, seqs, **kw) -> TokenLogps:
-        return completion_logps(model, seqs.input_ids, seqs.attention_mask, seqs.completion_mask, **kw)
+        return completion_logps(model, seqs.input_ids, seqs.attention_mask, seqs.completion_mask,
+                                **seqs.model_inputs(), **kw)
 
     @torch.no_grad()
     def precompute(self, data: TextPreferenceData, batch_size: int = 16) -> dict[str, Tensor]:
@@ -249,9 +253,5 @@ def run(cfg: LMConfig, accelerator=None):
     recipe = LMRecipe(cfg, acc)
     result = train(recipe, cfg.train, acc, config=to_dict(cfg))
     recipe.export(f"{cfg.train.output_dir}/final")
-    if acc.is_main_process and result.eval_history:
-        first, last = result.eval_history[0], result.eval_history[-1]
-        print_table(["metric", f"step {first['step']}", f"step {last['step']}"],
-                    [[k.removeprefix("eval/"), f"{first[k]:.4f}", f"{last[k]:.4f}"]
-                     for k in sorted(first) if k != "step" and not math.isnan(first[k])])
+    eval_summary(result, acc)
     return result

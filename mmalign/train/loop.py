@@ -370,3 +370,18 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     if acc.log_with:
         acc.end_training()
     return result
+
+
+def eval_summary(result: TrainResult, accelerator=None) -> dict[str, float]:
+    """Print the first-vs-last evaluation table (main process) and return the last values."""
+    if not result.eval_history:
+        return {}
+    first, last = result.eval_history[0], result.eval_history[-1]
+    keys = [k for k in sorted(first) if k != "step" and isinstance(first[k], float) and not math.isnan(first[k])
+            and k in last]
+    if accelerator is None or accelerator.is_main_process:
+        from mmalign.utils import print_table
+
+        print_table(["metric", f"step {first['step']}", f"step {last['step']}"],
+                    [[k.removeprefix("eval/"), f"{first[k]:.4f}", f"{last[k]:.4f}"] for k in keys])
+    return {k.removeprefix("eval/"): round(last[k], 4) for k in keys}

@@ -1,0 +1,1 @@
+"""Vision-language models: LLaVA-style VLM DPO (offline and online), BDHS preference data."""
