@@ -134,6 +134,11 @@ def run(cfg: VLMConfig, accelerator=None):
         for r in range(cfg.online.rounds):
             rows = online_pairs(recipe, cfg, r, judge)
             if len(rows) < cfg.train.batch_size:
+                if result is None:
+                    raise RuntimeError(
+                        f"online round 0: only {len(rows)} informative pairs (the judge scored all sampled answers "
+                        f"of a prompt equally); need at least train.batch_size={cfg.train.batch_size}. Raise "
+                        "online.samples / online.temperature or start from a model that answers the questions.")
                 print(f"online round {r}: only {len(rows)} informative pairs; stopping")
                 break
             path = out / f"online_round{r}.parquet"
