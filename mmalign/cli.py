@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("losses", help="list the registered losses")
     ls.set_defaults(func=_cmd_losses)
 
-    for mod in ("mmalign.demo.cli", "mmalign.rewards.cli", "mmalign.data.cli"):
+    for mod in ("mmalign.demo.cli", "mmalign.rewards.cli", "mmalign.data.cli", "mmalign.vl.cli"):
         try:
             importlib.import_module(mod).add_parsers(sub)
         except ModuleNotFoundError as e:  # a family not built yet; a missing *dependency* still raises

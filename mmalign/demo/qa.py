@@ -36,3 +36,27 @@ def judge(image, question_kind: str, text: str) -> dict:
     need_s = question_kind in ("shape", "describe")
     correct = (not need_c or a["color"] in cols) and (not need_s or a["shape"] in shps) and not wrong
     return {"correct": float(correct), "hallucinated": float(wrong), "score": float(correct) - float(wrong)}
+
+
+def evaluate_qa(model, processor, n_scenes: int = 100, seed: int = 54_321, max_new_tokens: int = 16,
+                kinds=tuple(QUESTIONS)) -> dict:
+    """Greedy answers to every question on ``n_scenes`` held-out renders, judged: accuracy and
+    hallucination rate (share of answers naming a colour or shape the image does not show)."""
+    from mmalign.vl.models import generate
+
+    from .world import make_dataset
+
+    data = make_dataset(n_scenes, seed=seed)
+    was = model.training
+    model.eval()
+    rows = [(im, k) for im, _, _ in data for k in kinds]
+    answers = generate(model, processor, [QUESTIONS[k] for _, k in rows], [im for im, _ in rows], max_new_tokens)
+    model.train(was)
+    js = [judge(im, k, a) for (im, k), a in zip(rows, answers)]
+    out = {"qa_accuracy": sum(j["correct"] for j in js) / len(js),
+           "hallucination_rate": sum(j["hallucinated"] for j in js) / len(js)}
+    for k in kinds:
+        sel = [j for (_, kk), j in zip(rows, js) if kk == k]
+        out[f"hallucination_{k}"] = sum(j["hallucinated"] for j in sel) / len(sel)
+    out["examples"] = answers[:len(kinds)]
+    return out

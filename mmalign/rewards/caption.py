@@ -116,3 +116,87 @@ class CaptionReward:
             r = r + self.grammar_weight * self.head.prob(txt if not self.prefix else
                                                          self.backbone.text_features(captions))
         return r.float().cpu()
+
+
+def train_grammar(backbone, captions: list[str], images=None, steps: int = 300, batch_size: int = 64,
+                  lr: float = 1e-4, head_lr: float = 1e-3, seed: int = 0, log_every: int = 50) -> GrammarHead:
+    """The grammar-aware text encoder (Cho et al. 2022, Sec. 3.3): fine-tune the CLIP text encoder and a
+    grammar head, L = L_grammar + L_contrastive. L_grammar = CE(head(f(c)), 1) + CE(head(f(corrupt(c))), 0)
+    on each caption c and one corruption of it; L_contrastive (when ``images`` pairs with ``captions``) is
+    the usual symmetric InfoNCE against the frozen image tower, which keeps CLIP-S meaningful.
+    Vocabulary for insert/swap: the words of ``captions``. Returns the head; the backbone is trained in place."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    vocab = sorted({w for c in captions for w in c.split()})
+    dev = backbone.device
+    with torch.no_grad():
+        dim = backbone.text_features(captions[:1]).shape[-1]
+    head = GrammarHead(dim).to(dev)
+    model = backbone.model
+    model.train()
+    text_params = [p for n, p in model.named_parameters() if not n.startswith(("visual", "vision_model"))
+                   and "logit" not in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(p is q for q in text_params))
+    opt = torch.optim.AdamW([{"params": text_params, "lr": lr}, {"params": head.parameters(), "lr": head_lr}],
+                            weight_decay=0.01)
+    img_feats = None
+    if images is not None:
+        with torch.no_grad():
+            img_feats = torch.cat([backbone.image_features(images[i: i + 256]) for i in range(0, len(images), 256)])
+    for step in range(steps):
+        idx = [rng.randrange(len(captions)) for _ in range(batch_size)]
+        good = [captions[i] for i in idx]
+        bad = [corrupt_caption(c, rng, vocab)[0] for c in good]
+        f = backbone.text_features(good + bad)
+        target = torch.cat([torch.ones(len(good)), torch.zeros(len(bad))]).long().to(dev)
+        logits = head(f)
+        loss = F.cross_entropy(logits.float(), target)
+        if img_feats is not None:
+            sim = backbone.logit_scale.detach() * f[: len(good)] @ img_feats[idx].T
+            ar = torch.arange(len(good), device=dev)
+            loss = loss + (F.cross_entropy(sim, ar) + F.cross_entropy(sim.T, ar)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            acc = float((logits.argmax(-1) == target).float().mean())
+            print(f"grammar step {step}: loss {loss.item():.4f} grammar acc {acc:.3f}", flush=True)
+    model.eval()
+    head.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return head
+
+
+@torch.no_grad()
+def grammar_accuracy(backbone, head: GrammarHead, captions: list[str], seed: int = 1) -> float:
+    """Held-out check: the head calls each caption grammatical and one corruption of it not."""
+    rng = random.Random(seed)
+    vocab = sorted({w for c in captions for w in c.split()})
+    bad = [corrupt_caption(c, rng, vocab)[0] for c in captions]
+    p = head.prob(backbone.text_features(list(captions) + bad)).cpu()
+    return float(((p[: len(captions)] > 0.5).float().sum() + (p[len(captions):] < 0.5).float().sum()) / len(p))
+
+
+def save_grammar_clip(backbone, head: GrammarHead, source: str, out: str):
+    """Write the fine-tuned CLIP (same layout as ``source``: open_clip local dir or transformers folder) plus
+    ``grammar_head.safetensors``, loadable as ``reward.model: OUT``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out_p, src = Path(out), Path(resolve(source))
+    out_p.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():  # configs, tokenizer and image-processor files as they were
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+                shutil.copy(f, out_p / f.name)
+    if (src / "open_clip_config.json").exists():
+        sd = {k: v.detach().contiguous().cpu() for k, v in backbone.model.state_dict().items()}
+        save_file(sd, str(out_p / "open_clip_model.safetensors"))
+    else:  # transformers CLIP (a hub id's processor files must be saved next to it by the caller)
+        backbone.model.save_pretrained(str(out_p))
+        backbone.tokenizer.save_pretrained(str(out_p))
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+              str(out_p / "grammar_head.safetensors"))

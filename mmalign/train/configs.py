@@ -479,6 +479,9 @@ class VLMConfig:
     online: Optional[OnlineSection] = None
     token_weights: Literal["mask", "sigmoid", "zn_rescale"] = "sigmoid"
     token_kl: bool = True
+    eval_qa: int = 0
+    """at each evaluation, answer the shapes-world questions greedily on this many held-out renders and
+    report qa_accuracy and hallucination_rate (the shapes-QA judge)"""
 
     runner = "mmalign.train.vlm:run"
 

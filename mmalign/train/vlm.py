@@ -52,6 +52,16 @@ class VLMRecipe(LMRecipe):
                                    d.max_eval_examples, d.image_column) if d.eval else None)
         return train_, ev
 
+    def evaluate(self, step: int, data=None, split: str = "eval") -> dict:
+        out = super().evaluate(step, data, split)
+        if self.cfg.eval_qa and data is None and self.acc.is_main_process:
+            from mmalign.demo.qa import evaluate_qa
+
+            qa = evaluate_qa(self.acc.unwrap_model(self.policy), self.processor, self.cfg.eval_qa)
+            self.last_answers = qa.pop("examples")
+            out.update(qa)
+        return out
+
     def describe(self) -> str:
         n = sum(p.numel() for p in self.policy.parameters())
         t = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
@@ -130,7 +140,9 @@ def run(cfg: VLMConfig, accelerator=None):
 
         judge = make_judge(cfg, acc.device)
         out = Path(cfg.train.output_dir)
-        result, log = None, []
+        result, log, evals, done = None, [], [], 0
+        if cfg.train.eval_every:
+            evals.append({"step": 0, **{f"eval/{k}": v for k, v in recipe.evaluate(0).items()}})
         for r in range(cfg.online.rounds):
             rows = online_pairs(recipe, cfg, r, judge)
             if len(rows) < cfg.train.batch_size:
@@ -150,10 +162,14 @@ def run(cfg: VLMConfig, accelerator=None):
             tc = dataclasses.replace(cfg.train, max_steps=cfg.online.steps_per_round,
                                      output_dir=str(out / f"round{r}"), eval_every=0)
             result = train(recipe, tc, acc, config=to_dict(cfg))
+            done += result.step
             log.append({"round": r, "pairs": len(rows), "mean_margin": float(np.mean([x["reward_margin"] for x in rows]))})
             print(f"online round {r}: {len(rows)} pairs, mean judge margin {log[-1]['mean_margin']:.3f}", flush=True)
+            if cfg.train.eval_every:  # evaluation after every round, at the cumulative step
+                evals.append({"step": done, **{f"eval/{k}": v for k, v in recipe.evaluate(done).items()}})
+                log[-1].update({k: v for k, v in evals[-1].items() if k != "step"})
         (out / "online.json").write_text(json.dumps(log))
-        result.online = log
+        result.online, result.eval_history, result.step = log, evals, done
     recipe.export(f"{cfg.train.output_dir}/final")
     eval_summary(result, acc)
     result.recipe = recipe

@@ -23,8 +23,8 @@ def load_vlm(name_or_path: str, dtype=torch.float32):
     return model, proc
 
 
-def tiny_llava(seed: int = 0, hidden: int = 64, layers: int = 2, vision_layers: int = 2):
-    """A LLaVA at test size: CLIP ViT (32 px, patch 8 -> 16 image tokens) + Llama decoder over the tiny BPE
+def tiny_llava(seed: int = 0, hidden: int = 64, layers: int = 2, vision_layers: int = 2, patch_size: int = 8):
+    """A LLaVA at test size: CLIP ViT (32 px, patch 8 -> 16 image tokens; patch 4 -> 64) + Llama decoder over the tiny BPE
     vocabulary with an added ``<image>`` token. Returns (model, processor)."""
     from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
@@ -32,11 +32,12 @@ def tiny_llava(seed: int = 0, hidden: int = 64, layers: int = 2, vision_layers: 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / "tiny-bpe"))
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tok.model_max_length = 128
     ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1)
     cfg = LlavaConfig(
-        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=hidden, intermediate_size=2 * hidden,
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=patch_size, hidden_size=hidden, intermediate_size=2 * hidden,
                                        num_hidden_layers=vision_layers, num_attention_heads=4),
         text_config=LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

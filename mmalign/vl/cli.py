@@ -1,0 +1,59 @@
+"""``mmalign caption``: caption a folder of images with a ClipCap folder or a BLIP hub id / folder."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+def add_parsers(sub):
+    p = sub.add_parser("caption", help="caption images with a captioner (ClipCap folder, BLIP hub id / folder)")
+    p.add_argument("--model", help="captioner.json folder (ClipCap) or BLIP id / folder, e.g. "
+                                   "Salesforce/blip-image-captioning-base or assets/models/shapes-captioner")
+    p.add_argument("--images", required=True, help="a folder of images or a glob pattern")
+    p.add_argument("--out", help="captions.jsonl or .csv (file_name + caption column); default: print only")
+    p.add_argument("--column", default="caption", help="name of the caption column (e.g. prompt, for mmalign score)")
+    p.add_argument("--tiny", action="store_true", help="a random tiny ClipCap (smoke runs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_caption)
+
+
+def cmd_caption(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from mmalign.models.captioner import load_captioner, tiny_clipcap
+    from mmalign.rewards.cli import list_images, read_images
+    from mmalign.utils import print_table
+
+    if not args.model and not args.tiny:
+        raise SystemExit("error: pass --model (a captioner folder or BLIP id) or --tiny")
+    files, images, bad = read_images(list_images(args.images))
+    for f, why in bad:
+        print(f"skipped unreadable image {f}: {why}")
+    if not images:
+        raise SystemExit(f"error: no readable images at {args.images!r}")
+    cap = tiny_clipcap() if args.tiny else load_captioner(args.model)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cap.to(dev).eval()
+    caps: list[str] = []
+    for lo in tqdm(range(0, len(images), args.batch_size), desc="captioning", dynamic_ncols=True):
+        caps += cap.caption(images[lo: lo + args.batch_size], batch_size=args.batch_size)
+    root = Path(args.images) if Path(args.images).is_dir() else None
+    names = [str(f.relative_to(root)) if root else str(f) for f in files]
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".csv":
+            with out.open("w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["file_name", args.column])
+                w.writerows(zip(names, caps))
+        else:
+            out.write_text("".join(json.dumps({"file_name": n, args.column: c}) + "\n" for n, c in zip(names, caps)))
+    print_table(["file", args.column], [[n, c] for n, c in list(zip(names, caps))[:10]])
+    if len(caps) > 10:
+        print(f"... {len(caps) - 10} more")
+    print(f"{len(caps)} captions" + (f" -> {args.out}" if args.out else "") + (f"; {len(bad)} unreadable skipped" if bad else ""))
+    return 0
