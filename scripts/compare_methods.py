@@ -193,6 +193,8 @@ def main():
         print(f"\n=== {name}", flush=True)
         cfg = demo_config(s, data, str(out / name.split()[0].lower()), val, extra)
         rows.append(table_row(name, train_and_evaluate(s, prep, cfg), n, args.steps))
+        (out / "compare_partial.json").write_text(json.dumps({"rows": rows}, indent=1))  # survives a later crash
+        print(json.dumps(rows[-1]), flush=True)
     t0 = {"all": float(np.mean(prep.base_scores)), "ok": float(np.mean(prep.base_ok))}
     held = [p in s.held_out for p in prep.eval_p]
     base_held = float(np.mean([x for x, h in zip(prep.base_scores, held) if h]))
@@ -200,6 +202,8 @@ def main():
     if not only or "PPD" in only:
         print("\n=== PPD", flush=True)
         extra["ppd"] = ppd_experiment(s, prep, out, args.steps)
+        (out / "compare_partial.json").write_text(json.dumps({"rows": rows, **extra}, indent=1))
+        print(json.dumps(extra["ppd"]), flush=True)
     if not only or "RPO" in only:
         print("\n=== RPO", flush=True)
         extra["rpo"] = rpo_experiment(s, prep, out, args.steps)

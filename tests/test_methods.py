@@ -240,3 +240,19 @@ def test_reward_based_checkpoint_selection_picks_the_best_step(tmp_path):
     card = (tmp_path / "best" / "README.md").read_text()
     assert "step: 6" in card and "reward: 0.65" in card
     assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_configured_validation_reward_drives_selection(tmp_path):
+    """validation.reward from the config (no scorer passed in code) is scored each evaluation and selects /best."""
+    from PIL import Image
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(refs / "ref.png")
+    res = run(cfg_(tmp_path, "train.max_steps=2", "train.eval_every=2", "validation.prompts=[a red circle]",
+                   "validation.select_best=true", "validation.num_inference_steps=1", "validation.images_per_prompt=1",
+                   "validation.reward=lambda_harmonic", "validation.reward_args={tiny: true, lam: 0.5}",
+                   f"validation.references={refs}"))
+    rewards = [e["eval/reward"] for e in res.eval_history if "eval/reward" in e]
+    assert len(rewards) == 2 and res.recipe.best_step in (0, 2)
+    assert (tmp_path / "best" / "README.md").exists()

@@ -560,7 +560,8 @@ def run(cfg: DiffusionConfig, accelerator=None, components: Components | None = 
     acc = accelerator or make_accelerator(cfg.train)
     set_seed(cfg.train.seed)
     recipe = DiffusionRecipe(cfg, acc, components)
-    recipe.scorer = scorer
+    if scorer is not None:  # else keep the one validation.reward configured
+        recipe.scorer = scorer
     result = train(recipe, cfg.train, acc, config=to_dict(cfg))
     final = eval_summary(result, acc)
     recipe.export(Path(cfg.train.output_dir) / "final", card=final)
