@@ -331,3 +331,35 @@ def test_bdhs_dpo_reduces_hallucination(tmp_path):
     assert after["eval/hallucination_color"] < before["eval/hallucination_color"] - 0.08
     assert after["eval/hallucination_rate"] < before["eval/hallucination_rate"] - 0.05
     assert after["eval/qa_accuracy"] > before["eval/qa_accuracy"]
+
+
+# ---------------------------------------------------------------- second VLM family: PaliGemma (prefix-LM)
+
+
+def test_paligemma_prefix_mask_scores_and_dpo(tmp_path):
+    from mmalign.models.lm import completion_logps
+    from mmalign.train.vlm import run
+    from mmalign.vl.data import VisionPreferenceData
+    from mmalign.vl.models import generate, image_token_id, tiny_paligemma
+
+    model, proc = tiny_paligemma()
+    ds = VisionPreferenceData("assets/data/shapes_pairs/vqa_pairs.parquet", proc, max_length=64, max_prompt_length=48)
+    b = ds.collate([ds[0], ds[1]])
+    s = b.seqs
+    assert (s.input_ids == image_token_id(proc)).sum(1).tolist() == [16] * 4  # every row keeps its 16 image tokens
+    assert torch.equal(s.token_type_ids, s.completion_mask.long())  # prompt = bidirectional prefix
+    with torch.no_grad():
+        prefix = completion_logps(model, s.input_ids, s.attention_mask, s.completion_mask, **s.model_inputs()).sum()
+        causal = completion_logps(model, s.input_ids, s.attention_mask, s.completion_mask,
+                                  pixel_values=s.pixel_values).sum()
+    assert not torch.allclose(prefix, causal)  # the prefix-LM mask is really used
+    assert len(generate(model, proc, [QUESTIONS["color"]], [make_dataset(1)[0][0]], max_new_tokens=3)) == 1
+    res = run(load_config("configs/tiny/vlm_dpo.yaml", [
+        f"train.output_dir={tmp_path}", "train.progress=false", "train.max_steps=2", "train.eval_every=2",
+        "model.tiny={family: paligemma}"]))
+    assert res.eval_history[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert res.step == 2 and (tmp_path / "final" / "config.json").exists()
+    with pytest.raises(KeyError, match="known: \\['llava', 'paligemma'\\]"):
+        from mmalign.vl.models import tiny_vlm
+
+        tiny_vlm("qwen")

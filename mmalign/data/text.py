@@ -58,9 +58,13 @@ class Sequences(_Batch):
     attention_mask: Tensor
     completion_mask: Tensor
     pixel_values: Optional[Tensor] = None  # VLMs: one image per row
+    token_type_ids: Optional[Tensor] = None  # prefix-LM VLMs (PaliGemma): 0 = prompt (bidirectional), 1 = completion
 
     def model_inputs(self) -> dict:
-        return {} if self.pixel_values is None else {"pixel_values": self.pixel_values}
+        out = {} if self.pixel_values is None else {"pixel_values": self.pixel_values}
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids
+        return out
 
 
 @dataclass

@@ -429,7 +429,7 @@ class VLMModelSection:
     name_or_path: Optional[str] = None
     """LLaVA-style hub id / folder (AutoModelForImageTextToText + AutoProcessor)"""
     tiny: Optional[dict[str, Any]] = None
-    """tiny LLaVA from configs: {seed, hidden, layers}"""
+    """tiny VLM from configs: {family: llava | paligemma, seed, hidden, layers, patch_size}"""
     lora: Optional[LoraSection] = None
     reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
     freeze_vision: bool = True

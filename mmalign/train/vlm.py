@@ -15,7 +15,7 @@ import torch
 
 from mmalign.models.lm import add_lora, set_dropout
 from mmalign.vl.data import VisionPreferenceData
-from mmalign.vl.models import generate, load_vlm, tiny_llava
+from mmalign.vl.models import generate, load_vlm, tiny_vlm
 
 from .configs import VLMConfig
 from .lm import LMRecipe
@@ -25,7 +25,7 @@ from .loop import eval_summary, make_accelerator, train
 class VLMRecipe(LMRecipe):
     def build_model(self, cfg: VLMConfig):
         m = cfg.model
-        model, proc = tiny_llava(**m.tiny) if m.tiny is not None else load_vlm(m.name_or_path, getattr(torch, m.dtype))
+        model, proc = tiny_vlm(**m.tiny) if m.tiny is not None else load_vlm(m.name_or_path, getattr(torch, m.dtype))
         if m.freeze_vision:
             for name, p in model.named_parameters():
                 if "vision_tower" in name:

@@ -12,7 +12,7 @@ from mmalign.data.records import DataError, require_columns
 from mmalign.data.text import PairBatch, TextPreferenceData, pad_sequences
 from mmalign.paths import resolve
 
-from .models import encode_prompt
+from .models import encode_prompt, is_prefix_lm
 
 
 class VisionPreferenceData(TextPreferenceData):
@@ -23,6 +23,7 @@ class VisionPreferenceData(TextPreferenceData):
                          max_examples)
         require_columns(self.ds, [image_column], source, "vision preference pairs")
         self.processor, self.image_column = processor, image_column
+        self.prefix_lm = is_prefix_lm(processor)
         p = Path(resolve(source))
         self.root = p.parent if p.is_file() else p
 
@@ -51,5 +52,7 @@ class VisionPreferenceData(TextPreferenceData):
         seqs = pad_sequences([it["seqs"][0] for it in items] + [it["seqs"][1] for it in items], self.pad)
         pix = torch.stack([it["pixel_values"] for it in items])
         seqs.pixel_values = torch.cat([pix, pix])  # chosen rows, then rejected rows: same images
+        if self.prefix_lm:  # the prompt (image + question) is the bidirectional prefix, as the model was trained
+            seqs.token_type_ids = seqs.completion_mask.long()
         margin = torch.tensor([it["reward_margin"] for it in items]) if self.has_margin else None
         return PairBatch(seqs, torch.tensor([it["index"] for it in items]), margin)
