@@ -184,23 +184,28 @@ def cmd_score(args) -> int:
 
 
 def write_scores(out: str, files, prompts, scores: dict[str, list[float]]):
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, f in enumerate(files):
         r = {"file": str(f), "prompt": prompts[i] if prompts else ""}
         r.update({n: v[i] for n, v in scores.items()})
         rows.append(r)
+    write_rows(out, rows)
+
+
+def write_rows(out: str, rows: list[dict]):
+    """One dict per row to ``.jsonl`` or ``.csv`` (header from the first row's keys)."""
+    if not out.endswith((".jsonl", ".csv")):
+        raise SystemExit(f"error: --out must end in .csv or .jsonl, got {out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     if out.endswith(".jsonl"):
         with open(out, "w") as fh:
             for r in rows:
                 fh.write(json.dumps(r) + "\n")
-    elif out.endswith(".csv"):
+    else:
         with open(out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    else:
-        raise SystemExit(f"error: --out must end in .csv or .jsonl, got {out}")
 
 
 def _thumb(im, size=160) -> str:

@@ -1,8 +1,6 @@
 """``mmalign caption``: caption a folder of images with a ClipCap folder or a BLIP hub id / folder."""
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 
@@ -24,7 +22,7 @@ def cmd_caption(args) -> int:
     from tqdm.auto import tqdm
 
     from mmalign.models.captioner import load_captioner, tiny_clipcap
-    from mmalign.rewards.cli import list_images, read_images
+    from mmalign.rewards.cli import list_images, read_images, write_rows
     from mmalign.utils import print_table
 
     if not args.model and not args.tiny:
@@ -43,15 +41,7 @@ def cmd_caption(args) -> int:
     root = Path(args.images) if Path(args.images).is_dir() else None
     names = [str(f.relative_to(root)) if root else str(f) for f in files]
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".csv":
-            with out.open("w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["file_name", args.column])
-                w.writerows(zip(names, caps))
-        else:
-            out.write_text("".join(json.dumps({"file_name": n, args.column: c}) + "\n" for n, c in zip(names, caps)))
+        write_rows(args.out, [{"file_name": n, args.column: c} for n, c in zip(names, caps)])
     print_table(["file", args.column], [[n, c] for n, c in list(zip(names, caps))[:10]])
     if len(caps) > 10:
         print(f"... {len(caps) - 10} more")
