@@ -77,11 +77,19 @@ def test_tiny_run_moves_heldout_reward_accuracy(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists()
 
 
-def test_batch8_accum1_equals_batch1_accum8_on_gpt2(tmp_path):
+BATCH_CASES = {"dpo": [], "kto": [f"data.train={DATA}/binary_train.jsonl", "loss={name: kto}"],
+               "bco_unpaired": [f"data.train={DATA}/binary_train.jsonl", "loss={name: bco_unpaired}"]}
+
+
+@pytest.mark.parametrize("loss", sorted(BATCH_CASES))
+def test_batch8_accum1_equals_batch1_accum8_on_gpt2(tmp_path, loss):
+    """Through the real recipe and loop, including KTO's step-level KL point and BCO's running mean
+    (3 steps, so the committed mean of steps 1-2 shapes step 3)."""
     finals = []
     for bs, acc in ((8, 1), (1, 8)):
         cfg = tiny_cfg(tmp_path / f"{bs}x{acc}", f"train.batch_size={bs}", f"train.grad_accum={acc}",
-                       "train.max_steps=2", "train.optimizer=sgd", "train.lr=0.5", "train.eval_every=0")
+                       "train.max_steps=3", "train.optimizer=sgd", "train.lr=0.5", "train.eval_every=0",
+                       "data.eval=null", *BATCH_CASES[loss])
         torch.manual_seed(0)
         recipe = LMRecipe(cfg, Accelerator())
         train(recipe, cfg.train, recipe.acc)

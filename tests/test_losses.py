@@ -206,19 +206,39 @@ def test_bad_shapes_and_hparams_raise():
 
 
 def test_running_moments_shift():
+    """delta is the running mean of every previous optimiser step's rewards; a step stages, then commits."""
     rm = RunningMoments()
     pc, pr, rc, rr = T(1.0, 2.0), T(0.0, -1.0), T(0.0, 0.0), T(0.0, 0.0)
     loss, _ = LOSSES["bco"](pc, pr, rc, rr, beta=1.0, running=rm)
+    exp0 = torch.tensor([nls(1.0) + nls(0.0), nls(2.0) + nls(1.0)], dtype=torch.float64)  # delta = 0 at step 1
+    torch.testing.assert_close(loss, exp0)
+    assert rm.mean == 0.0  # nothing committed yet
+    rm.commit()
     mean = (1 + 2 + 0 - 1) / 4  # rewards [1, 2, 0, -1]
     assert rm.mean == pytest.approx(mean)
+    loss, _ = LOSSES["bco"](pc, pr, rc, rr, beta=1.0, running=rm)
     exp = torch.tensor([nls(1 - mean) + nls(-(0 - mean)), nls(2 - mean) + nls(-(-1 - mean))], dtype=torch.float64)
     torch.testing.assert_close(loss, exp)
-    # second batch updates the running mean with the Chan formula
+    rm.commit()  # the second step's rewards, then a third with (3, 3) updates by the Chan formula
     LOSSES["bco"](T(3.0), T(3.0), T(0.0), T(0.0), beta=1.0, running=rm)
-    assert rm.mean == pytest.approx((1 + 2 + 0 - 1 + 3 + 3) / 6)
+    rm.commit()
+    assert rm.mean == pytest.approx((2 * (1 + 2 + 0 - 1) + 3 + 3) / 10)
     rm2 = RunningMoments()
     rm2.load_state_dict(rm.state_dict())
     assert rm2.state_dict() == rm.state_dict()
+
+
+def test_aot_returns_per_example_losses_in_row_order():
+    """Row i's loss is computed from row i's policy margin (and the reference margin of the same rank),
+    so a non-finite report names the right rows."""
+    pc, pr = T(3.0, -1.0, 0.5), T(0.0, 0.0, 0.0)  # policy margins 3, -1, 0.5: ranks 2, 0, 1
+    rc, rr = T(0.2, 0.1, 0.3), T(0.0, 0.0, 0.0)  # reference margins sorted: 0.1, 0.2, 0.3
+    loss, _ = LOSSES["aot"](pc, pr, rc, rr, beta=1.0)
+    exp = T(nls(3.0 - 0.3), nls(-1.0 - 0.1), nls(0.5 - 0.2))
+    torch.testing.assert_close(loss, exp)
+    lu, _ = LOSSES["aot_unpaired"](pc, T(1.0, 2.0, 0.0), rc, T(0.0, 0.0, 0.0), beta=1.0)
+    # rho_w = 2.8, -1.1, 0.2 (ranks 2, 0, 1); rho_l = 1, 2, 0, sorted 0, 1, 2
+    torch.testing.assert_close(lu, T(nls(2.8 - 2.0), nls(-1.1 - 0.0), nls(0.2 - 1.0)))
 
 
 # ---------------------------------------------------------------- unpaired

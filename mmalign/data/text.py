@@ -80,9 +80,11 @@ class PairBatch(_Batch):
 @dataclass
 class BinaryBatch(_Batch):
     seqs: Sequences  # [B, T]
-    kl_seqs: Sequences  # [B, T]: prompt i with completion i-1 (KTO's mismatched pairs)
+    kl_seqs: Sequences  # [B, T]: prompt i with completion i-1 (KTO's mismatched pairs within this batch)
     labels: Tensor  # [B] bool
     index: Tensor
+    prompt_ids: list = None  # token ids per row, to form mismatched pairs across micro-batches (KTO)
+    completion_ids: list = None
 
     def __len__(self):
         return len(self.index)
@@ -208,6 +210,16 @@ class TextPreferenceData(torch.utils.data.Dataset):
             out["reward_margin"] = float(r["reward_margin"])
         return out
 
+    def mismatched(self, prompt_ids: list, completion_ids: list) -> Sequences:
+        """KTO's mismatched pairs: prompt j with the completion of row j-1 (cyclic), as TRL does.
+        The recipe calls this on *all* rows of an optimiser step (every micro-batch), so the KL
+        reference point does not depend on how the step is split."""
+        n, out = len(prompt_ids), []
+        for j, p in enumerate(prompt_ids):
+            c = completion_ids[(j - 1) % n][: self.max_length - len(p)]
+            out.append((p + c, [0] * len(p) + [1] * len(c)))
+        return pad_sequences(out, self.pad)
+
     def collate(self, items: list[dict]):
         index = torch.tensor([it["index"] for it in items])
         if self.fmt in ("pairs", "joint"):
@@ -216,14 +228,9 @@ class TextPreferenceData(torch.utils.data.Dataset):
             return PairBatch(seqs, index, margin)
         if self.fmt == "binary":
             seqs = pad_sequences([it["seqs"][0] for it in items], self.pad)
-            n = len(items)
-            kl = []
-            for j, it in enumerate(items):  # prompt j with the completion of row j-1 (cyclic), as TRL does
-                c = items[(j - 1) % n]["completion_ids"]
-                p = it["prompt_ids"]
-                c = c[: self.max_length - len(p)]
-                kl.append((p + c, [0] * len(p) + [1] * len(c)))
-            return BinaryBatch(seqs, pad_sequences(kl, self.pad), torch.tensor([it["label"] for it in items]), index)
+            p_ids, c_ids = [it["prompt_ids"] for it in items], [it["completion_ids"] for it in items]
+            return BinaryBatch(seqs, self.mismatched(p_ids, c_ids), torch.tensor([it["label"] for it in items]), index,
+                               p_ids, c_ids)
         if self.fmt == "ranked":
             k = max(len(it["seqs"]) for it in items)
             flat, labels, mask = [], torch.zeros(len(items), k), torch.zeros(len(items), k, dtype=torch.bool)

@@ -1,5 +1,5 @@
 """Subject-driven data for RPO (Miao et al. 2024, "Subject-driven Text-to-Image Generation via
-Preference-based Reinforcement Learning", arXiv 2405.16436).
+Preference-based Reinforcement Learning", arXiv 2407.12164).
 
 Input is a DreamBench-style folder: the subject's reference images (4-6 jpg/png) and ``prompts.txt``
 (one prompt per line). RPO's preference data: the base model generates images for every prompt; each

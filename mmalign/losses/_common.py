@@ -101,14 +101,33 @@ LOSSES: Registry = Registry("loss")
 """The single source of loss names. Each entry is a pure function with attributes:
 
 kind       "pairwise" (pc, pr, rc, rr) | "unpaired" (policy, ref, labels) | "listwise" (policy[B,K], ref, labels)
-           | "token" (per-token log-probs + completion masks) | "negatives" (D2O)
-uses       extra per-example inputs the modality adapter must pass, e.g. ("lengths",) or ("reward_margin",)
+           | "token" (per-token log-probs + completion masks) | "negatives" (D2O) | "policy_gradient"
+uses       extra inputs the modality adapter supplies (keys of ``INPUTS``), e.g. ("lengths",) or ("kl",)
+supplied   the keyword arguments those inputs fill: never user hyper-parameters (the config layer reads this)
 needs_reference  False for reference-free objectives (SimPO, PRO): adapters skip the reference forward
+precomputable    reference scores can be computed once before training (False where the reference
+                 term depends on the batch or on full-vocabulary logits)
+batch_dependent  the loss of a row depends on the other rows of the batch (AOT's sort): no accumulation
 """
+
+INPUTS: dict[str, tuple[str, ...]] = {
+    "lengths": ("chosen_lengths", "rejected_lengths"),  # completion token counts
+    "reward_margin": ("reward_margin",),  # external reward-model margin per pair (MM-DPO)
+    "running": ("running", "shift"),  # RunningMoments state (BCO's delta)
+    "kl": ("kl",),  # KTO's reference point z0, estimated from mismatched pairs of the whole step
+    "token_weights": ("chosen_weights", "rejected_weights", "chosen_kl_weights", "rejected_kl_weights"),  # SparsePO
+    "token_kl": ("chosen_kl", "rejected_kl"),  # per-token KL from full-vocabulary logits
+}
+KIND_INPUTS = {"listwise": ("mask",), "negatives": ("sample_mask",), "policy_gradient": ("mask",)}
 
 
 def register(name: str, kind: str = "pairwise", uses: tuple = (), needs_reference: bool = True,
              reference_free_ok: bool = False, batch_dependent: bool = False, data_format: str = "pairs"):
-    return LOSSES.register(name, kind=kind, uses=tuple(uses), needs_reference=needs_reference,
+    unknown = [u for u in uses if u not in INPUTS]
+    if unknown:
+        raise ValueError(f"loss {name!r}: unknown input(s) {unknown}; known: {sorted(INPUTS)}")
+    supplied = tuple(k for u in uses for k in INPUTS[u]) + KIND_INPUTS.get(kind, ())
+    precomputable = needs_reference and not ({"kl", "token_weights", "token_kl"} & set(uses))
+    return LOSSES.register(name, kind=kind, uses=tuple(uses), supplied=supplied, needs_reference=needs_reference,
                            reference_free_ok=reference_free_ok, batch_dependent=batch_dependent,
-                           data_format=data_format)
+                           data_format=data_format, precomputable=precomputable)

@@ -179,31 +179,52 @@ def sppo_hard(pc, pr, rc, rr, *, beta: float = 0.1):
 
 
 class RunningMoments:
-    """Running mean/variance of rewards (Chan et al. parallel update), the BCO reward shift delta.
+    """Running mean/variance of rewards (Chan et al. parallel update): the BCO reward shift delta.
 
-    State is three floats, saved in checkpoints via ``state_dict``. ``gather`` (e.g.
-    ``accelerator.gather``) makes every rank see the same delta.
+    Accumulation- and order-invariant by construction: a loss reads ``mean`` (the state as of the start
+    of the optimiser step) and ``stage``s its detached rewards; the recipe calls ``commit`` once per
+    optimiser step, which folds every micro-batch's rewards (summed over ranks by ``reduce_sum``, e.g.
+    ``accelerator.reduce``) into the state. So batch 8 x accumulation 1, batch 1 x accumulation 8 and
+    2 processes x 4 all see the same delta. Every reward counts once (not one batch mean per batch).
+    State is three floats, saved in checkpoints via ``state_dict``.
     """
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+        self._staged = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares
 
     @torch.no_grad()
-    def update(self, x: Tensor, gather=None) -> float:
-        x = x.detach().float()
-        if gather is not None:
-            x = gather(x)
-        n = x.numel()
-        if n == 0:
+    def stage(self, x: Tensor):
+        """Remember this micro-batch's rewards (finite values only) for the next ``commit``."""
+        x = x.detach().double().flatten()
+        x = x[torch.isfinite(x)].cpu()
+        self._staged += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), (x * x).sum()])
+
+    @torch.no_grad()
+    def commit(self, reduce_sum=None) -> float:
+        """Fold the staged rewards of this optimiser step (all micro-batches, all ranks) into the state."""
+        t = self._staged if reduce_sum is None else reduce_sum(self._staged.clone())
+        self._staged = torch.zeros(3, dtype=torch.float64)
+        n, s, ss = (float(v) for v in t)
+        if n < 1:
             return self.mean
-        b_mean = x.mean().item()
-        b_var = x.var(unbiased=False).item()
+        b_mean = s / n
+        b_var = max(ss / n - b_mean**2, 0.0)
         delta = b_mean - self.mean
         tot = self.count + n
         self.mean += delta * n / tot
         m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / tot
         self.var, self.count = m2 / tot, tot
         return self.mean
+
+    def discard(self):
+        """Drop the staged rewards (a skipped optimiser step)."""
+        self._staged = torch.zeros(3, dtype=torch.float64)
+
+    def update(self, x: Tensor, reduce_sum=None) -> float:
+        """``stage`` + ``commit`` in one call (one batch = one optimiser step)."""
+        self.stage(x)
+        return self.commit(reduce_sum)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}
@@ -214,17 +235,22 @@ class RunningMoments:
 
 @register("bco", uses=("running",))
 def bco(pc, pr, rc, rr, *, beta: float = 0.1, shift: float | Tensor | None = None,
-        running: RunningMoments | None = None, gather=None):
+        running: RunningMoments | None = None):
     """BCO, pairwise (Jung et al. 2024, arXiv 2404.04656, Eq. 8):
     -log sigma(r_w - delta) - log sigma(-(r_l - delta)), r = beta * rho.
 
-    delta is the running mean of detached rewards [r_w; r_l] (``running``, updated *before* use, as
-    TRL v0.28 did; TRL HEAD dropped the shift). ``shift`` fixes delta instead; with neither, delta = 0.
+    delta is the running mean of the detached rewards [r_w; r_l] of every *previous* optimiser step
+    (``running``: read here, the batch's rewards staged, committed once per optimiser step by the
+    recipe -- see ``RunningMoments``). Deviation from TRL v0.28, which updated its running mean with
+    the *batch mean* (count + 1 per batch) *before* use in each batch: that makes delta depend on how a
+    step is split into micro-batches and on their order; ours weights every reward once and lags one
+    optimiser step. TRL HEAD dropped the shift. ``shift`` fixes delta instead; with neither, delta = 0.
     """
     rho_w, rho_l = log_ratios(pc, pr, rc, rr)
     cw, cl = beta * rho_w, beta * rho_l
     if running is not None:
-        shift = running.update(torch.cat([cw, cl]), gather=gather)
+        shift = running.mean
+        running.stage(torch.cat([cw, cl]))
     delta = 0.0 if shift is None else shift
     loss = -F.logsigmoid(cw - delta) - F.logsigmoid(-(cl - delta))
     return loss, pair_metrics(cw, cl)
@@ -255,21 +281,35 @@ def sigmoid_norm(pc, pr, rc, rr, *, beta: float = 0.1, chosen_lengths=None, reje
     return loss, pair_metrics(beta * rho_w, beta * rho_l)
 
 
+def _sorted_pairs_in_row_order(policy_key: Tensor, ref_key: Tensor) -> Tensor:
+    """AOT's d = sort(policy) - sort(reference), returned in *row order*: the row holding the k-th
+    smallest policy value gets the k-th smallest reference value subtracted (so per-example losses and
+    non-finite reports name the right rows)."""
+    order = torch.argsort(policy_key, stable=True)
+    d_sorted = policy_key[order] - torch.sort(ref_key).values
+    return torch.empty_like(d_sorted).scatter(0, order, d_sorted)
+
+
 @register("aot", batch_dependent=True)
 def aot(pc, pr, rc, rr, *, beta: float = 0.1, label_smoothing: float = 0.0):
     """AOT, paired (Melnyk et al. 2024, arXiv 2406.05882, Eq. 9): sort_batch(c - r) - sort_batch(c0 - r0)
-    inside the cDPO form. Depends on batch composition (flagged ``batch_dependent``)."""
+    inside the cDPO form; per-example losses come back in row order.
+
+    The sort runs over the batch it is given, so the loss depends on batch composition
+    (``batch_dependent``): the config layer refuses gradient accumulation for it (micro-batches would
+    sort separately), and on several processes each sorts its own shard (as TRL does)."""
     pc, pr, rc, rr = check_pairwise(pc, pr, rc, rr)
     rho_w, rho_l = pc - rc, pr - rr
-    d = torch.sort(pc - pr).values - torch.sort(rc - rr).values
+    d = _sorted_pairs_in_row_order(pc - pr, rc - rr)
     return _smoothed_sigmoid(beta * d, label_smoothing), pair_metrics(beta * rho_w, beta * rho_l)
 
 
 @register("aot_unpaired", batch_dependent=True)
 def aot_unpaired(pc, pr, rc, rr, *, beta: float = 0.1, label_smoothing: float = 0.0):
-    """AOT, unpaired (arXiv 2406.05882, Eq. 10): sort_batch(rho_w) - sort_batch(rho_l)."""
+    """AOT, unpaired (arXiv 2406.05882, Eq. 10): sort_batch(rho_w) - sort_batch(rho_l), in row order of
+    rho_w (batch-dependent, see ``aot``)."""
     rho_w, rho_l = log_ratios(pc, pr, rc, rr)
-    d = torch.sort(rho_w).values - torch.sort(rho_l).values
+    d = _sorted_pairs_in_row_order(rho_w, rho_l)
     return _smoothed_sigmoid(beta * d, label_smoothing), pair_metrics(beta * rho_w, beta * rho_l)
 
 
@@ -281,7 +321,7 @@ def rpo(pc, pr, rc, rr, *, beta: float = 0.1, sft_weight: float = 1.0, chosen_le
 
     NLL(y_w) = -pc / |y_w| when lengths are given (Iterative RPO's length normalisation), else -pc.
     For diffusion, pc = -mse(winner), so the term is the winner's denoising MSE. Subject-driven RPO
-    (Miao et al. 2024, arXiv 2405.16436, Eq. 8) is this loss with the reference image as "chosen", the
+    (Miao et al. 2024, arXiv 2407.12164, Eq. 8) is this loss with the reference image as "chosen", the
     generated image as "rejected", per-pair soft labels ``label_smoothing = 1 - y`` (y ~ Bernoulli of the
     lambda-harmonic preference) and sft_weight = 1 (the reconstruction term on reference images).
     Deviation from TRL's ``["sigmoid", "sft"]``: TRL takes the token mean over the *whole batch*;

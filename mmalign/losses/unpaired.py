@@ -44,7 +44,7 @@ def kto_kl(policy_kl_logps: Tensor, ref_kl_logps: Tensor, gather=None) -> Tensor
     return kl.clamp(min=0.0)
 
 
-@register("kto", kind="unpaired")
+@register("kto", kind="unpaired", uses=("kl",))
 def kto(policy, ref, labels, *, beta: float = 0.1, kl: float | Tensor = 0.0,
         desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
     """KTO (Ethayarajh et al. 2024, arXiv 2402.01306, Eq. 7), per sample:
@@ -73,13 +73,15 @@ def apo_zero_unpaired(policy, ref, labels, *, beta: float = 0.1, desirable_weigh
 
 @register("bco_unpaired", kind="unpaired", uses=("running",))
 def bco_unpaired(policy, ref, labels, *, beta: float = 0.1, shift: float | Tensor | None = None,
-                 running: RunningMoments | None = None, gather=None):
+                 running: RunningMoments | None = None):
     """BCO on binary feedback (Jung et al. 2024, arXiv 2404.04656, Eq. 8): desirable -log sigma(r - delta),
-    undesirable -log sigma(-(r - delta)), r = beta rho, delta = running mean of r (updated before use)."""
+    undesirable -log sigma(-(r - delta)), r = beta rho, delta = running mean of r over previous optimiser
+    steps (staged here, committed once per step; see ``bco`` for the deviation from TRL)."""
     policy, ref, labels = check_unpaired(policy, ref, labels)
     r = beta * (policy - ref)
     if running is not None:
-        shift = running.update(r, gather=gather)
+        shift = running.mean
+        running.stage(r)
     delta = 0.0 if shift is None else shift
     loss = torch.where(labels, -F.logsigmoid(r - delta), -F.logsigmoid(-(r - delta)))
     return loss, unpaired_metrics(r, labels)

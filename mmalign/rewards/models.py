@@ -24,7 +24,7 @@ TOY_CLIP = ASSETS / "models" / "toy-clip"
 
 
 def lambda_harmonic(s_i2i: Tensor, s_t2i: Tensor, lam: float = 0.5) -> Tensor:
-    """RPO's lambda-harmonic reward (Miao et al. 2024, arXiv 2405.16436, Eq. 6):
+    """RPO's lambda-harmonic reward (Miao et al. 2024, arXiv 2407.12164, Eq. 6):
     R = 1 / (lam / s_i2i + (1 - lam) / s_t2i), similarities already mapped to [0, 1] by (cos + 1) / 2.
     lam = 0.5, s_i2i = 0.8, s_t2i = 0.6 gives 0.6857. lam = 0 is text alignment only (RPO's labels)."""
     return 1.0 / (lam / (s_i2i + 1e-8) + (1.0 - lam) / (s_t2i + 1e-8))

@@ -53,10 +53,7 @@ class LossSection:
             raise ConfigError(f"{path}.name: {e.args[0]}") from None
         sig = inspect.signature(fn)
         allowed = {p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY}
-        # inputs the recipe supplies itself are not user hyper-parameters
-        supplied = {"chosen_lengths", "rejected_lengths", "reward_margin", "running", "gather", "kl", "shift",
-                    "mask", "sample_mask", "chosen_weights", "rejected_weights", "chosen_kl", "rejected_kl",
-                    "chosen_kl_weights", "rejected_kl_weights"}
+        supplied = set(fn.supplied)  # inputs the recipe supplies itself (declared by the loss) are not hyper-parameters
         bad = sorted(set(self.params) - (allowed - supplied))
         if bad:
             raise ConfigError(f"{path}: loss {self.name!r} has no hyper-parameter(s) {bad}; "
@@ -78,6 +75,19 @@ class LossSection:
                 ok = True
             if not ok:
                 raise ConfigError(f"{path}.{k}: expected {type(default).__name__} like {default!r}, got {v!r}")
+
+
+def check_loss_and_batching(loss: "LossSection", train: "TrainSection"):
+    """Losses whose value for a row depends on the other rows of its batch cannot be split into
+    micro-batches without changing the gradient: refuse instead of silently training something else."""
+    fn = loss.fn
+    if fn.batch_dependent and train.grad_accum > 1:
+        raise ConfigError(f"loss {loss.name!r} sorts within its batch (batch-dependent), so gradient accumulation "
+                          f"would change it: set train.grad_accum=1 and raise train.batch_size instead "
+                          f"(got grad_accum={train.grad_accum})")
+    if "kl" in fn.uses and train.batch_size * train.grad_accum < 2:
+        raise ConfigError(f"loss {loss.name!r} estimates its KL reference point from mismatched pairs of a step: "
+                          "it needs train.batch_size x train.grad_accum >= 2")
 
 
 @dataclass(kw_only=True)
@@ -186,6 +196,7 @@ class LMConfig:
     def validate(self):
         if self.loss.fn.kind not in ("pairwise", "token", "unpaired", "listwise", "negatives"):
             raise ConfigError(f"recipe lm takes preference losses; {self.loss.name!r} is {self.loss.fn.kind}")
+        check_loss_and_batching(self.loss, self.train)
 
 
 RECIPES["lm"] = LMConfig
@@ -332,6 +343,7 @@ class DiffusionConfig:
     def validate(self):
         if self.loss.fn.kind != "pairwise":
             raise ConfigError(f"loss {self.loss.name!r} is {self.loss.fn.kind}; diffusion recipes take pairwise losses")
+        check_loss_and_batching(self.loss, self.train)
         if self.inversion is not None and self.model.reference == "precomputed":
             raise ConfigError("inversion (DDIM-InPO) inverts with the current policy, so its reference scores "
                               "cannot be precomputed: use model.reference=peft or copy")
@@ -490,6 +502,7 @@ class VLMConfig:
             raise ConfigError(f"recipe vlm takes pairwise losses; {self.loss.name!r} is {self.loss.fn.kind}")
         if self.data.train is None and self.online is None:
             raise ConfigError("vlm: set data.train (offline pairs) or online (on-policy rounds)")
+        check_loss_and_batching(self.loss, self.train)
 
 
 RECIPES["vlm"] = VLMConfig

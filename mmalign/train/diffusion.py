@@ -270,9 +270,13 @@ class DiffusionRecipe:
         if self.ema is not None and "ema_step" in d:
             self.ema.optimization_step = d["ema_step"]
 
-    def on_step_end(self, step: int):
-        if self.ema is not None:
+    def on_step_end(self, step: int, applied: bool = True):
+        if self.ema is not None and applied:
             self.ema.step(self.trainable_parameters())
+        if self.running is not None:  # BCO: this step's rewards, all micro-batches and processes, at once
+            red = (lambda t: self.acc.reduce(t.to(self.acc.device), reduction="sum").cpu()) \
+                if self.acc.num_processes > 1 else None
+            self.running.commit(red) if applied else self.running.discard()
 
     # ------------------------------------------------------------------ scoring
 
@@ -407,7 +411,6 @@ class DiffusionRecipe:
         if self.running is not None:
             if split == "train":
                 extras["running"] = self.running
-                extras["gather"] = self.acc.gather if self.acc.num_processes > 1 else None
             else:
                 extras["shift"] = self.running.mean
         if batch.labels is not None:  # soft labels (RPO): y = P(image 0 preferred) -> per-pair smoothing 1 - y

@@ -34,8 +34,9 @@ class LMRecipe:
             kind = "peft" if cfg.model.lora is not None else "copy"
         self.reference = Reference(kind, model)
         self.running = RunningMoments() if "running" in self.loss_fn.uses else None
+        self.step_kl: Tensor | None = None  # KTO: z0 of the current optimiser step (``begin_step``)
         if kind == "precomputed":
-            if self.loss_fn.kind == "unpaired" or self.loss_fn.registry_name == "sparse_po":
+            if not self.loss_fn.precomputable:
                 raise ValueError(f"model.reference=precomputed is not supported for loss {cfg.loss.name!r} "
                                  "(its reference terms depend on the batch or on full-vocabulary logits); "
                                  "use copy or peft")
@@ -84,11 +85,45 @@ class LMRecipe:
         if self.running and "running" in d:
             self.running.load_state_dict(d["running"])
 
+    def _reduce_sum(self):
+        acc = self.acc
+        return (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
+
+    def begin_step(self, micro_batches: list):
+        """KTO: the reference point z0 from mismatched pairs over *all* rows of this optimiser step (every
+        micro-batch; averaged over processes), so accumulation does not change it."""
+        if "kl" not in self.loss_fn.uses:
+            return
+        p_ids = [p for b in micro_batches for p in b.prompt_ids]
+        c_ids = [c for b in micro_batches for c in b.completion_ids]
+        if len(p_ids) < 2:
+            raise ValueError(f"loss {self.cfg.loss.name!r} estimates its KL reference point from mismatched "
+                             "(prompt, completion) pairs and needs >= 2 rows per process per optimiser step; "
+                             "raise train.batch_size or train.grad_accum")
+        chunk = max(len(b) for b in micro_batches)
+        pol, ref = [], []
+        seqs = self.train_data.mismatched(p_ids, c_ids)
+        with torch.no_grad():
+            for lo in range(0, len(p_ids), chunk):
+                sub = type(seqs)(seqs.input_ids[lo: lo + chunk], seqs.attention_mask[lo: lo + chunk],
+                                 seqs.completion_mask[lo: lo + chunk]).to(self.acc.device)
+                pol.append(self._logps(self.model, sub).sum())
+                with self.reference.context() as r:
+                    ref.append(self._logps(r, sub).sum())
+        gather = self.acc.gather if self.acc.num_processes > 1 else None
+        self.step_kl = kto_kl(torch.cat(pol), torch.cat(ref), gather=gather)
+
+    def on_step_end(self, step: int, applied: bool = True):
+        """BCO: fold this step's staged rewards (all micro-batches and processes) into the running mean."""
+        if self.running is not None:
+            self.running.commit(self._reduce_sum()) if applied else self.running.discard()
+
     # ------------------------------------------------------------------ scoring
 
     def _want(self):
-        sparse = self.loss_fn.registry_name == "sparse_po"
-        return {"hidden": sparse and self.cfg.token_weights != "mask", "keep_logits": sparse and self.cfg.token_kl}
+        uses = self.loss_fn.uses
+        return {"hidden": "token_weights" in uses and self.cfg.token_weights != "mask",
+                "keep_logits": "token_kl" in uses and self.cfg.token_kl}
 
     def _logps(self, model, seqs, **kw) -> TokenLogps:
         return completion_logps(model, seqs.input_ids, seqs.attention_mask, seqs.completion_mask,
@@ -145,10 +180,10 @@ class LMRecipe:
         if ref_tab is None and ref_lp is not None and kind != "token":
             ref_tab = self._reference_scores(ref_lp, batch)
         extras = {}
-        if "running" in fn.uses:
-            extras["running"] = self.running if split == "train" else None
-            extras["gather"] = self.acc.gather if self.acc.num_processes > 1 and split == "train" else None
-            if split != "train" and self.running is not None:
+        if "running" in fn.uses:  # train: read delta and stage rewards; eval: read delta only
+            if split == "train":
+                extras["running"] = self.running
+            else:
                 extras["shift"] = self.running.mean
 
         if kind == "pairwise":
@@ -173,19 +208,22 @@ class LMRecipe:
                                         label_smoothing=hp.get("label_smoothing", 0.0))
             else:
                 r_c, r_r = ref_lp.logps.chunk(2)
-                if fn.registry_name == "sparse_po":
+                if {"token_weights", "token_kl"} & set(fn.uses):
                     extras.update(self._sparse_inputs(pol, ref_lp))
                 loss, m = fn(t_c, t_r, r_c, r_r, m_c, m_r, **hp, **extras)
         elif kind == "unpaired":
             assert isinstance(batch, BinaryBatch)
             pol_s = pol.sum()
             ref_s = ref_tab["score"] if ref_tab else None
-            if fn.registry_name == "kto":
-                with torch.no_grad():
-                    pk = self._logps(self.model, batch.kl_seqs).sum()
-                    with self.reference.context() as ref:
-                        rk = self._logps(ref, batch.kl_seqs).sum()
-                extras["kl"] = kto_kl(pk, rk, gather=self.acc.gather if self.acc.num_processes > 1 else None)
+            if "kl" in fn.uses:
+                if split == "train" and self.step_kl is not None:
+                    extras["kl"] = self.step_kl
+                else:  # evaluation: mismatched pairs within the evaluation batch
+                    with torch.no_grad():
+                        pk = self._logps(self.model, batch.kl_seqs).sum()
+                        with self.reference.context() as ref:
+                            rk = self._logps(ref, batch.kl_seqs).sum()
+                    extras["kl"] = kto_kl(pk, rk, gather=self.acc.gather if self.acc.num_processes > 1 else None)
             loss, m = fn(pol_s, ref_s, batch.labels, **hp, **extras)
         elif kind == "listwise":
             assert isinstance(batch, ListBatch)

@@ -192,6 +192,10 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     if acc.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
         raise ValueError("under DeepSpeed the engine steps inside backward(): use train.grad_accum=1 and set "
                          "gradient_accumulation_steps in the DeepSpeed config instead")
+    loss_fn = getattr(recipe, "loss_fn", None)
+    if getattr(loss_fn, "batch_dependent", False) and world > 1:
+        warnings.warn(f"loss {loss_fn.registry_name!r} is batch-dependent: each of the {world} processes sorts its "
+                      "own shard, so the result differs from one process at the same global batch (as in TRL)")
     optimizer = build_optimizer(recipe.trainable_parameters(), cfg, lr)
     scheduler = build_scheduler(optimizer, cfg)
     recipe.model, optimizer = acc.prepare(recipe.model, optimizer)
@@ -277,6 +281,8 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                 empty_step = n_global == 0  # every row unreadable: the step is skipped, not the run
                 n_global = max(n_global, 1.0)
                 recipe.model.train()
+                if hasattr(recipe, "begin_step"):  # step-level state (KTO's KL point) from all micro-batches
+                    recipe.begin_step([b.to(acc.device) for b in micro if len(b)])
                 bad_local = False
                 step_sums = MetricSums()
                 for i, batch in enumerate(micro):
@@ -331,7 +337,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                     window.sums[k] += step_sums.sums[k]
                     window.counts[k] += step_sums.counts[k]
                 if hasattr(recipe, "on_step_end"):
-                    recipe.on_step_end(step)
+                    recipe.on_step_end(step, applied=not bad)
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
