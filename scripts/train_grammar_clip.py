@@ -30,7 +30,7 @@ def main():
     backbone = _load_clip(args.clip)
     if args.pairs:
         from mmalign.data.records import load_table
-        from mmalign.diffusion.data import open_image
+        from mmalign.data.images import open_image
 
         t = load_table(args.pairs)
         images, captions = [open_image(x) for x in t["image"]], [str(c) for c in t["caption"]]

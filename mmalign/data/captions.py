@@ -120,7 +120,7 @@ def dcpo_captions(winner_captions: list[str], loser_images, strategy: str, level
 def add_dual_captions(table, strategy: str, level: str = "medium", captioner=None, seed: int = 0):
     """Pick-a-Pic table -> the same rows (ties dropped) with ``caption_0`` / ``caption_1``: the preferred
     image keeps the prompt, the rejected one gets the strategy's caption."""
-    from mmalign.diffusion.data import open_image
+    from mmalign.data.images import open_image
 
     rows = [i for i in range(len(table)) if float(table[i]["label_0"]) != 0.5]
     win0 = [float(table[i]["label_0"]) == 1.0 for i in rows]

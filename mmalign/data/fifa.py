@@ -132,7 +132,7 @@ def fifa_filter(table, reward, fraction: float = 0.1, alpha: float = 0.5, gamma:
     """Score a Pick-a-Pic-style table (caption, jpg_0, jpg_1, label_0) with ``reward`` and return the
     filtered table (ties dropped first) and the result. Prompt embeddings come from the reward's text
     encoder when it has one."""
-    from mmalign.diffusion.data import open_image
+    from mmalign.data.images import open_image
 
     rows = [i for i in range(len(table)) if float(table[i]["label_0"]) != 0.5]
     caps = [table[i]["caption"] for i in rows]

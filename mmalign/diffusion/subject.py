@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmalign.rewards.cli import IMAGE_EXT, read_images
+from mmalign.data.images import IMAGE_EXT, read_images
 
 
 def load_subject_folder(folder: str | Path):

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from mmalign.paths import resolve
 
@@ -215,9 +214,3 @@ def load_state(model: torch.nn.Module, path: str, key: str | None = None):
     if missing:
         raise KeyError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
     return unexpected
-
-
-def open_image(path) -> Image.Image:
-    im = Image.open(path)
-    im.load()
-    return im.convert("RGB")

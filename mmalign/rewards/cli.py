@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import glob
 import html
 import io
 import json
@@ -19,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mmalign.data.images import contained_path, list_images, open_image, read_images
+from mmalign.data.records import DataError
+
 log = logging.getLogger(__name__)
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def add_parsers(sub):
@@ -33,6 +34,8 @@ def add_parsers(sub):
     p.add_argument("--references", help="folder of reference images (clip_i, dino, lambda_harmonic)")
     p.add_argument("--out", help="scores.csv or scores.jsonl")
     p.add_argument("--html", help="write a sortable gallery report")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="let metadata name files outside the image folder (trusted data only)")
     p.add_argument("--model", action="append", default=[], help="NAME=HUB_ID_OR_PATH weights for a reward")
     p.add_argument("--reward-arg", action="append", default=[], help="NAME.key=value extra loader argument")
     p.add_argument("--tiny", action="store_true", help="random tiny weights (tests / smoke runs)")
@@ -59,42 +62,18 @@ def add_parsers(sub):
 # ------------------------------------------------------------------ inputs
 
 
-def list_images(spec: str) -> list[Path]:
-    p = Path(spec)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXT)
-    else:
-        files = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).suffix.lower() in IMAGE_EXT)
-    if not files:
-        raise SystemExit(f"error: no images found at {spec!r}")
-    return files
-
-
-def read_images(files: list[Path]):
-    """Open every file; unreadable ones are reported by path and skipped."""
-    from PIL import Image
-
-    ok, images, bad = [], [], []
-    for f in files:
-        try:
-            im = Image.open(f)
-            im.load()
-            images.append(im.convert("RGB"))
-            ok.append(f)
-        except Exception as e:
-            bad.append((f, str(e)))
-    for f, e in bad:
-        print(f"warning: skipped unreadable image {f}: {e}", file=sys.stderr)
-    return ok, images, bad
-
-
-def read_prompts(files: list[Path], prompts_file: str | None, prompt: str | None, root: Path | None):
+def read_prompts(files: list[Path], prompts_file: str | None, prompt: str | None, root: Path | None,
+                 allow_outside_root: bool = False):
+    """Prompt per image: one for all, a .txt aligned with the sorted files, or .jsonl/.csv rows naming a
+    file (file / file_name / image) and a prompt (prompt / text / caption) -- by default the image folder's
+    ``metadata.jsonl`` (what ``mmalign sample`` writes). File names are relative to the image folder and
+    must stay inside it (``--allow-outside-root`` to lift that for trusted data)."""
     if prompt is not None:
         return [prompt] * len(files)
     src = Path(prompts_file) if prompts_file else (root / "metadata.jsonl" if root else None)
     if src is None or not src.exists():
         if prompts_file:
-            raise SystemExit(f"error: prompts file not found: {prompts_file}")
+            raise DataError(f"prompts file not found: {prompts_file}")
         return None
     if src.suffix == ".txt":
         lines = [x.rstrip("\n") for x in open(src) if x.strip()]
@@ -104,15 +83,17 @@ def read_prompts(files: list[Path], prompts_file: str | None, prompt: str | None
     elif src.suffix == ".csv":
         rows = list(csv.DictReader(open(src)))
     else:
-        raise SystemExit(f"error: unsupported prompts file {src} (use .txt, .jsonl or .csv)")
-    by_name = {}
-    for r in rows:
+        raise DataError(f"unsupported prompts file {src} (use .txt, .jsonl or .csv)")
+    by_path, by_name = {}, {}
+    for i, r in enumerate(rows):
         key = r.get("file") or r.get("file_name") or r.get("image")
         text = r.get("prompt") or r.get("text") or r.get("caption")
         if key is None or text is None:
-            raise SystemExit(f"error: {src}: rows need a file (file/file_name/image) and a prompt (prompt/text/caption)")
+            raise DataError(f"{src}: row {i}: rows need a file (file/file_name/image) and a prompt (prompt/text/caption)")
+        if root is not None:
+            by_path[contained_path(root, key, f"{src}: row {i}", allow_outside_root).resolve()] = text
         by_name[Path(key).name] = text
-    return [by_name.get(f.name) for f in files]
+    return [by_path.get(f.resolve(), by_name.get(f.name)) if root is not None else by_name.get(f.name) for f in files]
 
 
 # ------------------------------------------------------------------ score
@@ -136,7 +117,7 @@ def cmd_score(args) -> int:
     files = list_images(args.images)
     root = Path(args.images) if Path(args.images).is_dir() else None
     files, images, bad = read_images(files)
-    prompts = read_prompts(files, args.prompts, args.prompt, root)
+    prompts = read_prompts(files, args.prompts, args.prompt, root, args.allow_outside_root)
     references = None
     if args.references:
         _, references, _ = read_images(list_images(args.references))
@@ -254,8 +235,6 @@ def label_pairs(reward, table, mode: str = "deterministic", temperature: float =
     """Score jpg_0 and jpg_1 of every row with ``reward`` and return (label_0, reward_0, reward_1, unreadable rows).
     deterministic: 1 / 0 by the higher reward, 0.5 within ``tie_eps``; bradley-terry: label_0 ~
     Bernoulli(sigmoid((r0 - r1) / temperature)) with a seeded generator."""
-    from mmalign.diffusion.data import open_image
-
     img0, img1, caps, ok = [], [], [], []
     for i in range(len(table)):
         row = table[i]

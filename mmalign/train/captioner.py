@@ -46,7 +46,7 @@ class ImageSet(torch.utils.data.Dataset):
             data = make_dataset(shapes_world, seed=seed)
             self.images, self.scenes = [d[0] for d in data], [d[2] for d in data]
         else:
-            from mmalign.rewards.cli import list_images, read_images
+            from mmalign.data.images import list_images, read_images
 
             _, self.images, bad = read_images(list_images(images))
             if not self.images:

@@ -128,7 +128,7 @@ def cmd_bdhs(args) -> int:
         rows = shapes_qa_rows(args.shapes_world, args.seed)
     else:
         from mmalign.data.records import load_table, require_columns
-        from mmalign.diffusion.data import open_image
+        from mmalign.data.images import open_image
 
         t = load_table(args.data)
         require_columns(t, ["prompt", "image", "answer"], args.data, "BDHS")

@@ -22,7 +22,8 @@ def cmd_caption(args) -> int:
     from tqdm.auto import tqdm
 
     from mmalign.models.captioner import load_captioner, tiny_clipcap
-    from mmalign.rewards.cli import list_images, read_images, write_rows
+    from mmalign.data.images import list_images, read_images
+    from mmalign.rewards.cli import write_rows
     from mmalign.utils import print_table
 
     if not args.model and not args.tiny:

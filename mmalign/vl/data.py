@@ -18,7 +18,7 @@ from .models import encode_prompt, is_prefix_lm
 class VisionPreferenceData(TextPreferenceData):
     def __init__(self, source: str, processor, max_length: int = 256, max_prompt_length: int = 128,
                  split: str = "train", columns: dict | None = None, max_examples: int | None = None,
-                 image_column: str = "image"):
+                 image_column: str = "image", allow_outside_root: bool = False):
         super().__init__(source, "pairs", processor.tokenizer, max_length, max_prompt_length, split, columns,
                          max_examples)
         require_columns(self.ds, [image_column], source, "vision preference pairs")
@@ -26,13 +26,16 @@ class VisionPreferenceData(TextPreferenceData):
         self.prefix_lm = is_prefix_lm(processor)
         p = Path(resolve(source))
         self.root = p.parent if p.is_file() else p
+        self.allow_outside_root = allow_outside_root
 
     def __getitem__(self, i):
-        from mmalign.diffusion.data import open_image
+        from mmalign.data.images import open_image
 
         r = self.ds[int(i)]
         try:
-            image = open_image(r[self.image_column], self.root)
+            image = open_image(r[self.image_column], self.root, self.allow_outside_root, f"{self.source}: row {i}")
+        except DataError:
+            raise
         except Exception as e:
             raise DataError(f"{self.source}: row {i}: unreadable image ({e})") from e
         p_ids, pix = encode_prompt(self.processor, r["prompt"], image)
