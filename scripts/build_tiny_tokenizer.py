@@ -6,6 +6,8 @@ shapes-world prompts and captions, and a little generic English. Two variants of
   tiny-bpe       plain (no special tokens added): the causal-LM tokenizer
   tiny-clip-bpe  CLIP-style: <|startoftext|> text <|endoftext|>, padded to 16 tokens -- the text-encoder
                  tokenizer of the tiny diffusion pipelines (pooled output = the EOS position)
+  tiny-t5-bpe    T5-style: text </s> (here <|endoftext|>), no BOS -- the T5 tokenizer of the tiny SD3 / Flux
+                 pipelines (``--t5-only`` derives it from an existing tiny-bpe without retraining)
 
 Load with ``AutoTokenizer.from_pretrained("assets/tokenizers/tiny-bpe")``.
 
@@ -43,12 +45,27 @@ def corpus(root: Path):
     yield " ".join(GENERIC)
 
 
+def t5_variant(base: Path, out: Path):
+    """The tiny-bpe vocabulary with T5's special-token layout: ``text </s>``, padded with <pad>."""
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
+    t5 = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                 pad_token="<pad>", model_max_length=32)
+    t5.save_pretrained(out)
+    print(f"saved T5-style variant to {out}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="assets/tokenizers/tiny-bpe")
     ap.add_argument("--vocab-size", type=int, default=768)
+    ap.add_argument("--t5-only", action="store_true", help="only derive tiny-t5-bpe from the existing tiny-bpe")
     args = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
+    if args.t5_only:
+        t5_variant(root / args.out, root / args.out.replace("tiny-bpe", "tiny-t5-bpe"))
+        return
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -70,6 +87,7 @@ def main():
     out_clip = out.parent / "tiny-clip-bpe"
     clip.save_pretrained(out_clip)
     print(f"saved CLIP-style variant to {out_clip}")
+    t5_variant(out, out.parent / "tiny-t5-bpe")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def ppd_experiment(s, prep, out: Path, steps: int):
     ev_p = [p for p in prep.prompts for _ in range(4)]
     gens = lambda: [torch.Generator().manual_seed(20_000 + i) for i in range(len(ev_p))]  # noqa: E731
     base_area = float(np.mean([area(i) for i in sample(pipe, ev_p, [20_000 + i for i in range(len(ev_p))], s)]))
-    e_s, e_l = rec.user_embedding("small"), rec.user_embedding("large")
+    e_s, e_l = rec.user_emb["small"], rec.user_emb["large"]
     areas = {}
     for name, e in (("small", e_s), ("halfway", interpolate(e_s, e_l, 0.5)), ("large", e_l)):
         ims = sample_for_user(tuned, ev_p, e, gens(), steps=s.sample_steps, guidance=s.guidance)

@@ -13,7 +13,7 @@ from mmalign.data.records import DataError
 from mmalign.demo.world import synthetic_pairs
 from mmalign.diffusion.data import PreferencePairs, write_pickapic_parquet
 from mmalign.diffusion.models import load_components, tiny_components
-from mmalign.diffusion.scoring import Cond, noisy_and_target, pair_mse, sdxl_time_ids
+from mmalign.diffusion.families import Cond, UNetFamily, sdxl_time_ids
 from mmalign.train.diffusion import DiffusionRecipe, run
 from mmalign.train.loop import train
 
@@ -66,7 +66,7 @@ def test_winner_and_loser_share_noise_and_t():
     x = torch.randn(3, 1, 4, 8, 8).repeat(1, 2, 1, 1, 1)  # identical winner and loser
     cond = Cond(torch.randn(6, 16, 32))
     cond.embeds[3:] = cond.embeds[:3]
-    mse = pair_mse(comp.unet, comp.noise_scheduler, x, torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 900]), cond)
+    mse = UNetFamily(comp).pair_mse(comp.unet, x, torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 900]), cond)
     w, l_ = mse.chunk(2)
     torch.testing.assert_close(w, l_, rtol=0, atol=1e-6)  # same t and noise: same error (up to batch-row rounding)
     assert (w - mse.roll(1)[:3]).abs().max() > 1e-3  # whereas different rows (other t/noise) differ
@@ -75,11 +75,11 @@ def test_winner_and_loser_share_noise_and_t():
 def test_v_prediction_target():
     comp = tiny_components("sd", prediction_type="v_prediction")
     x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
-    _, target = noisy_and_target(comp.noise_scheduler, x0, noise, t)
+    _, target = UNetFamily(comp).noisy_and_target(x0, noise, t)
     a = comp.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(target, a.sqrt() * noise - (1 - a).sqrt() * x0)
     comp_e = tiny_components("sd")
-    _, te = noisy_and_target(comp_e.noise_scheduler, x0, noise, t)
+    _, te = UNetFamily(comp_e).noisy_and_target(x0, noise, t)
     assert torch.equal(te, noise)
 
 
@@ -91,8 +91,8 @@ def test_sdxl_time_ids():
 def test_caption_dropout_is_shared_by_the_pair_and_uses_empty_prompt(tmp_path):
     r = recipe_(tmp_path, "data.caption_dropout=0.5")
     b = batch_of(r, 8)
-    gens = [r._generator(0, int(i), "train") for i in b.index]
-    x0, noise, t, cond = r._inputs(b, gens, "train")
+    gens = [r.inputs.generator(0, int(i), "train") for i in b.index]
+    x0, noise, t, cond = r.inputs.build(b, gens, "train")
     w, l_ = cond.embeds.chunk(2)
     assert torch.equal(w, l_)
     empty = r.pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
@@ -109,7 +109,7 @@ def test_flip_and_crop_are_joint(tmp_path):
     assert torch.equal(item["pixels"][0], item["pixels"][1])
     r = recipe_(tmp_path / "r", f"data.train={tmp_path / 'same.parquet'}", "data.eval=null")
     b = batch_of(r, 4)
-    x0, *_ = r._inputs(b, [r._generator(s, 0, "train") for s in range(4)], "train")
+    x0, *_ = r.inputs.build(b, [r.inputs.generator(s, 0, "train") for s in range(4)], "train")
     torch.testing.assert_close(x0[:, 0], x0[:, 1])
 
 
@@ -165,28 +165,6 @@ def test_imagefolder_layout(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
     ds = PreferencePairs(str(tmp_path), resolution=32)
     assert len(ds) == 4 and ds[0]["pixels"].shape == (2, 3, 32, 32)
-
-
-@pytest.mark.parametrize("lora", [True, False])
-def test_three_references_give_the_same_loss(tmp_path, lora):
-    losses = {}
-    for kind in ("copy", "peft", "precomputed"):
-        if kind == "peft" and not lora:
-            continue
-        ov = [f"model.reference={kind}", "data.noise_draws=2", "data.max_examples=8", "data.eval=null"]
-        if not lora:
-            ov.append("model.lora=null")
-        r = recipe_(tmp_path / kind, *ov)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
-            for n, p in r.unet.named_parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * (0.3 if lora else 0.01))
-        losses[kind] = r.compute(batch_of(r, 8), step=1).loss
-    ref = losses["copy"]
-    assert not torch.allclose(ref, torch.full_like(ref, math.log(2)), atol=1e-4)
-    for k, v in losses.items():
-        torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-6), k
 
 
 def test_precomputed_needs_noise_draws(tmp_path):
@@ -263,7 +241,7 @@ def test_latent_cache_matches_pixels_and_resumes(tmp_path):
     for step in (0, 1, 2, 3):  # covers flipped and unflipped draws
         lp = r_pix.compute(batch_of(r_pix, 6), step=step).metrics["model_mse_w"]
         lc = r_cache.compute(batch_of(r_cache, 6), step=step).metrics["model_mse_w"]
-        torch.testing.assert_close(lp, lc, rtol=2e-3, atol=1e-4)  # fp16 storage
+        torch.testing.assert_close(lp, lc, rtol=1e-4, atol=1e-6)  # fp32 storage: batch-order rounding only
     shard = tmp_path / "cache" / "train" / "shard-00000.safetensors"
     mtime = shard.stat().st_mtime
     recipe_(tmp_path / "c2", *base, f"data.cache_dir={tmp_path / 'cache'}")
@@ -297,14 +275,17 @@ def test_validation_grid_and_scorer(tmp_path):
     grid.save(buf, format="PNG")
 
 
-@pytest.mark.parametrize("script", ["scripts/train_sdxl_dpo.sh", "scripts/train_sd15_dpo.sh"])
-def test_launch_scripts_run_as_is(tmp_path, script):
-    """The GPU launch scripts, run unchanged on CPU with the tiny config swapped in."""
+@pytest.mark.parametrize("script,config", [("scripts/train_sdxl_dpo.sh", "diffusion_dpo"),
+                                           ("scripts/train_sd15_dpo.sh", "diffusion_dpo"),
+                                           ("scripts/train_sd35_dpo.sh", "flow_dpo"),
+                                           ("scripts/train_flux_dpo.sh", "flux_dpo")])
+def test_launch_scripts_run_as_is(tmp_path, script, config):
+    """The GPU launch scripts, run unchanged on CPU with the tiny config of the same family swapped in."""
     import os
     import subprocess
 
-    env = dict(os.environ, CONFIG="configs/tiny/diffusion_dpo.yaml", DATA="assets/data/shapes_pairs/train.parquet",
-               NUM_GPUS="1", GLOBAL="4", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    env = dict(os.environ, CONFIG=f"configs/tiny/{config}.yaml", DATA="assets/data/shapes_pairs/train.parquet",
+               NUM_GPUS="1", GLOBAL="4", BATCH="4", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     r = subprocess.run(["bash", script, f"train.output_dir={tmp_path}", "train.max_steps=1", "train.eval_every=0",
                         "validation.prompts=[]"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -92,9 +92,9 @@ def test_dcpo_passes_each_image_its_own_caption(tmp_path, kind):
         winner_is_0 = rows[i]["label_0"] == 1.0
         assert b.captions[i] == f"caption {'zero' if winner_is_0 else 'one'} {i}"
         assert b.captions_rejected[i] == f"caption {'one' if winner_is_0 else 'zero'} {i}"
-    gens = [r._generator(0, int(i), "train") for i in b.index]
-    _, _, _, cond = r._inputs(b, gens, "train")
-    enc = lambda caps: r.encode_text(caps)[0]  # noqa: E731
+    gens = [r.inputs.generator(0, int(i), "train") for i in b.index]
+    _, _, _, cond = r.inputs.build(b, gens, "train")
+    enc = lambda caps: r.inputs.encode_text(caps).embeds  # noqa: E731
     w, l_ = cond.embeds.chunk(2)
     torch.testing.assert_close(w, enc(b.captions))
     torch.testing.assert_close(l_, enc(b.captions_rejected))
@@ -145,7 +145,7 @@ def test_ppd_starts_at_ln2_and_output_depends_on_user_and_interpolates(tmp_path)
             if p.requires_grad and p.dim() == 2 and not p.any():
                 p.normal_(0, 0.2)
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([400])
-    text = r.encode_text(["a red circle"])[0]
+    text = r.inputs.encode_text(["a red circle"]).embeds
 
     def f(e):
         with torch.no_grad():
@@ -210,8 +210,8 @@ def test_rpo_soft_labels_independent_noise_and_reconstruction(tmp_path):
                         accelerate.Accelerator())
     b = r.train_data.collate([r.train_data[i] for i in range(8)])
     assert b.labels.tolist() == [float(i % 2) for i in range(8)]  # order kept, labels passed through
-    gens = [r._generator(0, int(i), "train") for i in b.index]
-    _, noise, t, _ = r._inputs(b, gens, "train")
+    gens = [r.inputs.generator(0, int(i), "train") for i in b.index]
+    _, noise, t, _ = r.inputs.build(b, gens, "train")
     assert noise.shape[1] == 2 and t.shape == (8, 2) and not torch.equal(noise[:, 0], noise[:, 1])
     with torch.no_grad():
         for n, p in r.unet.named_parameters():

@@ -40,15 +40,17 @@ def losses(out: Path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo check")
-def test_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("config", ["diffusion_dpo", "flow_dpo", "flux_dpo"])
+def test_two_processes_equal_one_process(tmp_path, config):
     one, two = tmp_path / "one", tmp_path / "two"
-    r1 = subprocess.run([sys.executable, "-m", "mmalign", "train", "configs/tiny/diffusion_dpo.yaml",
+    config = f"configs/tiny/{config}.yaml"
+    r1 = subprocess.run([sys.executable, "-m", "mmalign", "train", config,
                          f"train.output_dir={one}", "train.batch_size=2", "train.grad_accum=2", *COMMON],
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                          "--main_process_port", str(free_port()), "-m", "mmalign", "train",
-                         "configs/tiny/diffusion_dpo.yaml", f"train.output_dir={two}", "train.batch_size=2", *COMMON],
+                         config, f"train.output_dir={two}", "train.batch_size=2", *COMMON],
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "2 x 1 accum x 2 proc" in r2.stdout  # really two processes

@@ -1,9 +1,12 @@
 """Disk cache of VAE latents and text embeddings for preference pairs (safetensors shards).
 
-``build_cache`` encodes every pair once -- both images, unflipped and (optionally) flipped, and the
-caption(s) -- into ``shard-00000.safetensors``, ``shard-00001...``; each shard is written to a temp
-file and renamed, so an interrupted build resumes at the first missing shard. Rows whose images
-cannot be read are marked and listed in ``report.json``; ``CachedPairs`` skips them.
+``build_cache`` encodes every pair once -- both images, unflipped and (optionally) flipped: the VAE
+posterior mean and (for ``data.vae_latents=sample``) its std, and the caption(s) -- into
+``shard-00000.safetensors``, ``shard-00001...``; each shard is written to a temp file and renamed, so an
+interrupted build resumes at the first missing shard. Rows whose images cannot be read are marked and
+listed in ``report.json``; ``CachedPairs`` skips them. Values are stored in ``dtype`` (the recipe passes
+the training dtype: fp32 without mixed precision -- never silently fp16, which moves a per-pair loss by
+up to ~0.03 at beta 5000). Latents are cached unpacked for every family (Flux packs them at step time).
 """
 from __future__ import annotations
 
@@ -25,12 +28,15 @@ def _shard(path: Path, k: int) -> Path:
 
 @torch.no_grad()
 def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_text=None, flips: bool = True,
-                shard_size: int = 256, batch_size: int = 16, progress: bool = True) -> dict:
-    """``encode_pixels([B,2,3,H,W]) -> [B,2,C,h,w]``; ``encode_text(list[str]) -> (embeds [B,T,D], pooled|None)``."""
+                shard_size: int = 256, batch_size: int = 16, progress: bool = True, dtype: torch.dtype = torch.float32,
+                std: bool = False) -> dict:
+    """``encode_pixels([B,2,3,H,W]) -> (mean, std)`` each ``[B,2,C,h,w]``; ``encode_text(list[str]) -> Cond``
+    (embeds [B,T,D], pooled | None, txt_ids | None). ``std``: keep the posterior std too."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"rows": len(pairs), "shard_size": shard_size, "source": str(pairs.source),
-            "resolution": pairs.resolution, "flips": flips, "text": encode_text is not None}
+            "resolution": pairs.resolution, "flips": flips, "text": encode_text is not None,
+            "dtype": str(dtype).removeprefix("torch."), "std": std}
     meta_file = path / "meta.json"
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
@@ -59,25 +65,31 @@ def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_
             for j in good:
                 ok[lo + j] = 1
             pix = torch.stack([items[j]["pixels"] for j in good])
-            enc = {"latents": encode_pixels(pix),
+            mean, sd = encode_pixels(pix)
+            enc = {"latents": mean,
                    "original_size": torch.tensor([items[j]["original_size"] for j in good], dtype=torch.float32),
                    "crop_top_left": torch.tensor([items[j]["crop_top_left"] for j in good], dtype=torch.float32)}
+            if std:
+                enc["latents_std"] = sd
             if flips:
-                enc["latents_flip"] = encode_pixels(pix.flip(-1))
+                fm, fs = encode_pixels(pix.flip(-1))
+                enc["latents_flip"] = fm
+                if std:
+                    enc["latents_std_flip"] = fs
             if encode_text is not None:
-                e, p = encode_text([items[j]["caption"] for j in good])
-                enc["embeds_w"] = e
-                if p is not None:
-                    enc["pooled_w"] = p
+                c = encode_text([items[j]["caption"] for j in good])
+                enc["embeds_w"] = c.embeds
+                if c.pooled is not None:
+                    enc["pooled_w"] = c.pooled
                 if pairs.dual:
-                    e, p = encode_text([items[j]["caption_rejected"] for j in good])
-                    enc["embeds_l"] = e
-                    if p is not None:
-                        enc["pooled_l"] = p
+                    c = encode_text([items[j]["caption_rejected"] for j in good])
+                    enc["embeds_l"] = c.embeds
+                    if c.pooled is not None:
+                        enc["pooled_l"] = c.pooled
             for key, v in enc.items():
                 buf = out.setdefault(key, [None] * len(rows))
                 for jj, j in enumerate(good):
-                    buf[lo + j] = v[jj].cpu() if key in ("original_size", "crop_top_left") else v[jj].cpu().half()
+                    buf[lo + j] = v[jj].cpu() if key in ("original_size", "crop_top_left") else v[jj].cpu().to(dtype)
             if bar is not None:
                 bar.update(len(chunk))
         tensors = {"ok": ok}
@@ -90,9 +102,9 @@ def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_
     if bar is not None:
         bar.close()
     if encode_text is not None and not (path / "empty.safetensors").exists():
-        e, p = encode_text([""])
-        save_file({"embeds": e[0].cpu().half().contiguous(),
-                   **({"pooled": p[0].cpu().half().contiguous()} if p is not None else {})},
+        c = encode_text([""])
+        empty = {"embeds": c.embeds[0], "pooled": None if c.pooled is None else c.pooled[0], "txt_ids": c.txt_ids}
+        save_file({k: v.cpu().to(dtype).contiguous() for k, v in empty.items() if v is not None},
                   str(path / "empty.safetensors"))
     report_file = path / "report.json"
     prev = json.loads(report_file.read_text())["corrupt_rows"] if report_file.exists() else []
@@ -141,6 +153,9 @@ class CachedPairs(torch.utils.data.Dataset):
         swap = self.pairs.swap[i]
         out = {"index": i, "latents": sh["latents"][j],
                "latents_flip": sh["latents_flip"][j] if "latents_flip" in sh else sh["latents"][j]}
+        if "latents_std" in sh:
+            out["latents_std"] = sh["latents_std"][j]
+            out["latents_std_flip"] = sh["latents_std_flip"][j] if "latents_std_flip" in sh else sh["latents_std"][j]
         for key in ("embeds_w", "embeds_l", "pooled_w", "pooled_l"):
             if key in sh:
                 out[key] = sh[key][j]
@@ -166,6 +181,9 @@ class CachedPairs(torch.utils.data.Dataset):
         if good:
             b.latents = torch.stack([x["latents"] for x in good])
             b.latents_flip = torch.stack([x["latents_flip"] for x in good])
+            if "latents_std" in good[0]:
+                b.latents_std = torch.stack([x["latents_std"] for x in good])
+                b.latents_std_flip = torch.stack([x["latents_std_flip"] for x in good])
             for key in ("embeds_w", "embeds_l", "pooled_w", "pooled_l"):
                 if key in good[0]:
                     setattr(b, key, torch.stack([x[key] for x in good]))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmalign.data.images import contained_path, open_image
 from mmalign.data.records import DataError, load_table, rename_columns, require_columns
 from mmalign.data.text import _Batch
 from mmalign.paths import resolve
@@ -41,8 +42,10 @@ class ImagePairBatch(_Batch):
     captions_rejected: Optional[list] = None  # DCPO: the loser's own caption
     user_ids: Optional[list] = None  # PPD
     labels: Optional[Tensor] = None  # [B] soft labels y = P(image 0 preferred), label_mode "soft" (RPO)
-    latents: Optional[Tensor] = None  # [B, 2, C, h, w] from the cache
+    latents: Optional[Tensor] = None  # [B, 2, C, h, w] from the cache (VAE posterior mean, model latent space)
     latents_flip: Optional[Tensor] = None
+    latents_std: Optional[Tensor] = None  # posterior std (cached for data.vae_latents=sample)
+    latents_std_flip: Optional[Tensor] = None
     embeds_w: Optional[Tensor] = None  # cached text embeddings (winner caption / loser caption under DCPO)
     embeds_l: Optional[Tensor] = None
     pooled_w: Optional[Tensor] = None
@@ -53,42 +56,21 @@ class ImagePairBatch(_Batch):
         return len(self.index)
 
 
-def open_image(value, root: Path | None = None) -> Image.Image:
-    """bytes | {'bytes':..,'path':..} | PIL | path -> RGB PIL image (raises on corrupt data)."""
-    if isinstance(value, Image.Image):
-        img = value
-    elif isinstance(value, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(value))
-    elif isinstance(value, dict):
-        if value.get("bytes") is not None:
-            img = Image.open(io.BytesIO(value["bytes"]))
-        elif value.get("path"):
-            return open_image(value["path"], root)
-        else:
-            raise ValueError("image dict has neither bytes nor path")
-    elif isinstance(value, str):
-        p = Path(value)
-        if root is not None and not p.is_absolute():
-            p = root / p
-        img = Image.open(p)
-    else:
-        raise ValueError(f"unsupported image value of type {type(value).__name__}")
-    img.load()
-    return img.convert("RGB")
-
-
-def load_pairs_table(source: str, split: str = "train"):
-    """Like ``load_table``, plus imagefolder-style folders (``metadata.jsonl`` with file names)."""
+def load_pairs_table(source: str, split: str = "train", allow_outside_root: bool = False):
+    """Like ``load_table``, plus imagefolder-style folders (``metadata.jsonl`` with ``file_name_0`` /
+    ``file_name_1``); every file name must resolve inside that folder unless ``allow_outside_root``."""
     import datasets
 
     p = Path(resolve(source))
     meta = p / "metadata.jsonl"
     if p.is_dir() and meta.exists():
         rows = [json.loads(x) for x in open(meta) if x.strip()]
-        for r in rows:
+        for i, r in enumerate(rows):
             for k in ("0", "1"):
                 if f"file_name_{k}" in r and f"jpg_{k}" not in r:
                     r[f"jpg_{k}"] = r.pop(f"file_name_{k}")
+                if isinstance(r.get(f"jpg_{k}"), str):
+                    contained_path(p, r[f"jpg_{k}"], f"{meta}: row {i}: jpg_{k}", allow_outside_root)
         return datasets.Dataset.from_list(rows), p
     return load_table(source, split), None
 
@@ -96,8 +78,10 @@ def load_pairs_table(source: str, split: str = "train"):
 class PreferencePairs(torch.utils.data.Dataset):
     def __init__(self, source: str, split: str = "train", resolution: int = 512, center_crop: bool = True,
                  drop_ties: bool = True, columns: dict | None = None, max_examples: int | None = None,
-                 seed: int = 0, dual_captions: bool = False, with_user: bool = False, soft_labels: bool = False):
-        ds, self.root = load_pairs_table(source, split)
+                 seed: int = 0, dual_captions: bool = False, with_user: bool = False, soft_labels: bool = False,
+                 allow_outside_root: bool = False):
+        ds, self.root = load_pairs_table(source, split, allow_outside_root)
+        self.allow_outside_root = allow_outside_root
         ds = rename_columns(ds, columns or {}, source)
         need = ["jpg_0", "jpg_1", "label_0"] + (["caption_0", "caption_1"] if dual_captions else ["caption"])
         if with_user:
@@ -143,15 +127,21 @@ class PreferencePairs(torch.utils.data.Dataset):
         return f"{len(self)} pairs ({self.ties} ties dropped) from {self.source}"
 
     def _crop_box(self, w: int, h: int, i: int) -> tuple[int, int, int, int, float]:
+        """torchvision's geometry, pixel for pixel: ``Resize(r)`` scales the short side to r and the long
+        side to ``int(r * long / short)`` (truncated); ``CenterCrop(r)`` starts at ``int(round(slack / 2))``.
+        A random crop is drawn once per (seed, row) -- deterministic, resumable and cacheable; the peers
+        redraw it every time an image is loaded (see the README's deviations table)."""
         r = self.resolution
-        scale = r / min(w, h)
-        nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+        if w <= h:
+            nw, nh = r, int(r * h / w)
+        else:
+            nw, nh = int(r * w / h), r
         if self.center_crop:
-            top, left = (nh - r) // 2, (nw - r) // 2
+            top, left = int(round((nh - r) / 2.0)), int(round((nw - r) / 2.0))
         else:  # deterministic per (seed, row): same crop on every process and after resume
             g = np.random.default_rng(self.seed * 1_000_003 + i)
             top, left = int(g.integers(0, nh - r + 1)), int(g.integers(0, nw - r + 1))
-        return nw, nh, top, left, scale
+        return nw, nh, top, left, r / min(w, h)
 
     def _transform(self, img: Image.Image, size_and_box) -> Tensor:
         nw, nh, top, left, _ = size_and_box
@@ -161,15 +151,21 @@ class PreferencePairs(torch.utils.data.Dataset):
         return arr / 127.5 - 1.0
 
     def load_images(self, i: int) -> tuple[Image.Image, Image.Image]:
-        row = self.ds[self.rows[i]]
-        a, b = open_image(row["jpg_0"], self.root), open_image(row["jpg_1"], self.root)
+        a, b = self._open(i)
         return (b, a) if self.swap[i] else (a, b)
+
+    def _open(self, i: int):
+        row, r = self.ds[self.rows[i]], self.rows[i]
+        return tuple(open_image(row[k], self.root, self.allow_outside_root, f"{self.source}: row {r}: {k}")
+                     for k in ("jpg_0", "jpg_1"))
 
     def __getitem__(self, i):
         i = int(i)
         row = self.ds[self.rows[i]]
         try:
-            a, b = open_image(row["jpg_0"], self.root), open_image(row["jpg_1"], self.root)
+            a, b = self._open(i)
+        except DataError:  # a path outside the dataset folder is an error, not an unreadable image
+            raise
         except Exception as e:  # corrupt / unreadable: report by row and skip, never crash the batch
             log.warning("%s: row %d: unreadable image (%s); skipped", self.source, self.rows[i], e)
             self.skipped_rows.append(self.rows[i])

@@ -37,6 +37,20 @@ class ClipPreferenceEncoder:
         return F.normalize(d.mean(0), dim=-1).cpu()
 
 
+def embed_users(pairs, encoder, examples_per_user: int) -> dict[str, Tensor]:
+    """{user_id: e_u} from each user's first ``examples_per_user`` pairs of ``pairs`` (a ``PreferencePairs``
+    with a user_id column); ``encoder.embed(chosen_images, rejected_images) -> [D]``."""
+    by_user: dict = {}
+    for i, uid in enumerate(pairs.ds["user_id"][j] for j in pairs.rows):
+        if len(by_user.setdefault(str(uid), [])) < examples_per_user:
+            by_user[str(uid)].append(i)
+    out = {}
+    for uid, rows in by_user.items():
+        ims = [pairs.load_images(i) for i in rows]
+        out[uid] = encoder.embed([a for a, _ in ims], [b for _, b in ims])
+    return out
+
+
 class UserTokens(nn.Module):
     """e_u [B, D] -> n tokens [B, n, cross_dim] (Linear + LayerNorm, as IP-Adapter's image projection)."""
 

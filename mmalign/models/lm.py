@@ -6,8 +6,6 @@ position t of the shifted tensors scores ``input_ids[:, t + 1]``.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -113,52 +111,3 @@ def add_lora(model, lora):
                      target_modules=lora.target_modules or "all-linear",
                      init_lora_weights="gaussian" if lora.init == "gaussian" else True, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
-
-
-# ------------------------------------------------------------------ the reference model
-
-
-class Reference:
-    """The three ways to get reference scores, which give the same loss (tested):
-
-    * ``copy``: a frozen deep copy of the initial policy (full fine-tuning)
-    * ``peft``: the policy itself with its LoRA adapters disabled (one model in memory)
-    * ``precomputed``: scores computed once before training and looked up by row index
-    """
-
-    def __init__(self, kind: str, policy, unwrap=lambda m: m):
-        self.kind = kind
-        self.unwrap = unwrap
-        self.policy = policy
-        self.model = None
-        self.table: dict[str, Tensor] = {}
-        if kind == "copy":
-            self.model = copy.deepcopy(unwrap(policy)).eval()
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-        elif kind not in ("peft", "precomputed", "none"):
-            raise ValueError(f"unknown reference kind {kind!r}")
-
-    @contextlib.contextmanager
-    def context(self):
-        """Yields the module to run for reference scores (no grad)."""
-        with torch.no_grad():
-            if self.kind == "copy":
-                yield self.model
-            elif self.kind in ("peft", "precomputed"):
-                m = self.unwrap(self.policy)
-                ctx = m.disable_adapter() if hasattr(m, "disable_adapter") else contextlib.nullcontext()
-                was_training = m.training
-                m.eval()
-                try:
-                    with ctx:
-                        yield m
-                finally:
-                    m.train(was_training)
-            else:
-                raise RuntimeError("no reference model for this loss")
-
-    def lookup(self, key: str, index: Tensor) -> Tensor:
-        if key not in self.table:
-            raise RuntimeError(f"precomputed reference has no {key!r}; run precompute first")
-        return self.table[key][index.cpu()].to(index.device)

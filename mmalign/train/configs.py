@@ -175,6 +175,8 @@ class TextDataSection:
     max_length: int = 256
     max_prompt_length: int = 128
     max_eval_examples: Optional[int] = None
+    allow_outside_root: bool = False
+    """image paths in the data may resolve outside the data file's folder (vision data; trusted data only)"""
 
 
 @dataclass(kw_only=True)
@@ -207,8 +209,9 @@ RECIPES["lm"] = LMConfig
 
 @dataclass(kw_only=True)
 class DiffusionModelSection:
-    kind: Literal["sd", "sdxl"] = "sd"
-    """sd = SD 1.x / 2.x (one text encoder), sdxl = two text encoders + micro-conditioning"""
+    kind: Literal["sd", "sdxl", "sd3", "flux"] = "sd"
+    """sd = SD 1.x / 2.x (one text encoder), sdxl = two text encoders + micro-conditioning,
+    sd3 = SD3 / SD3.5 (flow matching, two CLIP + T5), flux = FLUX.1 (flow matching, CLIP + T5, packed latents)"""
     name_or_path: Optional[str] = None
     """diffusers pipeline folder or hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0"""
     tiny: Optional[dict[str, Any]] = None
@@ -227,7 +230,9 @@ class DiffusionModelSection:
     ema: bool = False
     ema_decay: float = 0.9999
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """dtype of VAE, text encoders and the reference copy; auto = bf16/fp16 with mixed precision, else fp32"""
+    """dtype of every frozen weight -- VAE, text encoders, the reference copy and, under LoRA, the base
+    UNet/transformer (LoRA weights stay fp32, as in the diffusers scripts); auto = bf16 / fp16 with
+    train.mixed_precision bf16 / fp16, else fp32"""
 
     def validate(self):
         if (self.name_or_path is None) == (self.tiny is None):
@@ -265,6 +270,13 @@ class DiffusionDataSection:
     pairs with Bernoulli labels); winner_first: reorder so the preferred image comes first"""
     shared_noise: bool = True
     """winner and loser share t and noise (Diffusion-DPO); false draws them independently (RPO)"""
+    allow_outside_root: bool = False
+    """an image-folder dataset may name files outside its folder (../x.png, absolute paths): trusted data only"""
+    vae_latents: Literal["sample", "mean"] = "mean"
+    """sample: z = mean + std * eps, eps from the pair's keyed generator (the peers' latent_dist.sample());
+    mean: the posterior mean"""
+    cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of cached latents / embeddings; auto = the training dtype (fp32 without mixed precision)"""
 
     def validate(self):
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -297,6 +309,22 @@ class PPDSection:
 
 
 @dataclass(kw_only=True)
+class FlowSection:
+    """Flow-matching families (sd3, flux): how sigma is drawn and what the transformer is told.
+    Defaults: logit-normal(0, 1) (Esser et al. 2024, Sec. 3.1; the diffusers SD3 training default), Flux
+    guidance 3.5 (the diffusers Flux training default)."""
+
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance: float = 3.5
+    """Flux guidance embedding (FLUX.1-dev is guidance-distilled); ignored by models without one"""
+    max_sequence_length: int = 0
+    """T5 tokens; 0 = the pipeline's default (256 SD3, 512 Flux) capped by the tokenizer's maximum"""
+
+
+@dataclass(kw_only=True)
 class ValidationSection:
     """Sample grids from fixed prompts and seeds at every ``train.eval_every`` steps (and step 0)."""
 
@@ -320,11 +348,12 @@ class ValidationSection:
 
 @dataclass(kw_only=True)
 class DiffusionConfig:
-    """Diffusion-DPO and relatives on SD 1.5 / 2.1 / SDXL (``recipe: diffusion``).
+    """Diffusion-DPO and relatives on SD 1.5 / 2.1 / SDXL and flow-matching SD3 / SD3.5 / FLUX.1
+    (``recipe: diffusion``).
 
     ``loss.beta`` is Diffusion-DPO's beta in the Salesforce convention (SDXL 5000, SD1.5 2000-5000):
-    scores are ``-mse`` and the loss core receives beta/2, i.e.
-    loss = -log sigmoid(-0.5 beta ((mse_w - mse_l) - (ref_w - ref_l))).
+    scores are ``-mse`` and the loss core receives ``BETA_SCALE`` * beta = beta/2, i.e.
+    loss = -log sigmoid(-0.5 beta ((mse_w - mse_l) - (ref_w - ref_l))) (``mmalign.diffusion.families``).
     """
 
     recipe: Literal["diffusion"] = "diffusion"
@@ -337,6 +366,8 @@ class DiffusionConfig:
     """set to use DDIM-InPO inputs (inverted latents, re-derived noise) with any pairwise loss"""
     ppd: Optional[PPDSection] = None
     """set for multi-user PPD training (data needs a user_id column)"""
+    flow: FlowSection = field(default_factory=FlowSection)
+    """flow-matching options (model.kind sd3 / flux)"""
 
     runner = "mmalign.train.diffusion:run"
 
@@ -349,6 +380,15 @@ class DiffusionConfig:
                               "cannot be precomputed: use model.reference=peft or copy")
         if self.inversion is not None and self.model.prediction_type == "v_prediction":
             raise ConfigError("inversion (DDIM-InPO) is defined for epsilon-prediction models")
+        if self.model.kind in ("sd3", "flux"):
+            if self.inversion is not None:
+                raise ConfigError(f"inversion (DDIM-InPO) is defined for DDPM UNets (sd, sdxl); model.kind="
+                                  f"{self.model.kind} is a flow-matching model, whose ODE inversion is not implemented")
+            if self.ppd is not None:
+                raise ConfigError("ppd's user branch is built into UNet cross-attention (sd, sdxl); "
+                                  f"model.kind={self.model.kind} has joint attention")
+            if self.model.prediction_type != "auto":
+                raise ConfigError(f"model.prediction_type is for UNets; {self.model.kind} predicts the flow velocity")
         if self.model.reference == "precomputed" and self.data.noise_draws < 1:
             raise ConfigError("model.reference=precomputed needs data.noise_draws >= 1 (the fixed noise draws "
                               "whose reference scores are computed before training)")

@@ -10,7 +10,8 @@ import torch
 
 from mmalign.data.text import BinaryBatch, ListBatch, NegativesBatch, PairBatch, TextPreferenceData, format_for_loss
 from mmalign.losses import MetricSums, RunningMoments, activation_mask, kto_kl, token_kl
-from mmalign.models.lm import Reference, TokenLogps, build_causal_lm, completion_logps
+from mmalign.models.lm import TokenLogps, build_causal_lm, completion_logps
+from mmalign.models.reference import Reference, resolve_kind
 
 from .configs import LMConfig
 from .loop import StepOutput, eval_summary, make_accelerator, train
@@ -27,11 +28,7 @@ class LMRecipe:
         self.model, self.tokenizer = model, tokenizer
         self.policy = model  # unwrapped handle (accelerate may wrap self.model in DDP)
         self.train_data, self.eval_data = self.build_data(cfg, tokenizer)
-        kind = cfg.model.reference
-        if not self.loss_fn.needs_reference:
-            kind = "none"
-        elif kind == "auto":
-            kind = "peft" if cfg.model.lora is not None else "copy"
+        kind = resolve_kind(cfg.model.reference, cfg.model.lora is not None, self.loss_fn.needs_reference)
         self.reference = Reference(kind, model)
         self.running = RunningMoments() if "running" in self.loss_fn.uses else None
         self.step_kl: Tensor | None = None  # KTO: z0 of the current optimiser step (``begin_step``)
@@ -40,9 +37,9 @@ class LMRecipe:
                 raise ValueError(f"model.reference=precomputed is not supported for loss {cfg.loss.name!r} "
                                  "(its reference terms depend on the batch or on full-vocabulary logits); "
                                  "use copy or peft")
-            self.ref_tables = {"train": self.precompute(self.train_data)}
+            self.reference.store("train", self.precompute(self.train_data))
             if self.eval_data is not None:
-                self.ref_tables["eval"] = self.precompute(self.eval_data)
+                self.reference.store("eval", self.precompute(self.eval_data))
 
     def build_model(self, cfg):
         return build_causal_lm(cfg.model)
@@ -167,8 +164,7 @@ class LMRecipe:
         if self.reference.kind == "none":
             return None, None
         if self.reference.kind == "precomputed":
-            table = self.ref_tables[split]
-            return None, {k: v[batch.index.cpu()].to(self.acc.device) for k, v in table.items()}
+            return None, self.reference.lookup(split, batch.index.to(self.acc.device))
         with self.reference.context() as ref:
             return self._logps(ref, batch.seqs, **want), None
 

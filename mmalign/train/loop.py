@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from mmalign.losses import MetricSums, backward_loss
+from mmalign.utils import example_generator  # noqa: F401  (re-exported: recipes key their draws by it)
 
 from . import checkpoint as ckpt
 from .configs import TrainSection
@@ -48,14 +49,6 @@ class TrainResult:
     skipped_steps: int = 0
     output_dir: str = ""
     last_checkpoint: str | None = None
-
-
-def example_generator(seed: int, step: int, row: int, salt: int = 0) -> torch.Generator:
-    """A CPU generator keyed by (seed, step, dataset row): the same example gets the same noise on
-    any number of processes and after a resume."""
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + step * 7_919 + row * 104_729 + salt * 15_485_863) % (2**63 - 1))
-    return g
 
 
 class ResumableBatches(torch.utils.data.Sampler):

@@ -47,9 +47,9 @@ class VLMRecipe(LMRecipe):
         if d.train is None:
             return None, None
         train_ = VisionPreferenceData(d.train, processor, d.max_length, d.max_prompt_length, d.split, d.columns,
-                                      image_column=d.image_column)
+                                      image_column=d.image_column, allow_outside_root=d.allow_outside_root)
         ev = (VisionPreferenceData(d.eval, processor, d.max_length, d.max_prompt_length, d.eval_split, d.columns,
-                                   d.max_eval_examples, d.image_column) if d.eval else None)
+                                   d.max_eval_examples, d.image_column, d.allow_outside_root) if d.eval else None)
         return train_, ev
 
     def evaluate(self, step: int, data=None, split: str = "eval") -> dict:
@@ -81,7 +81,7 @@ def online_prompts(cfg: VLMConfig):
         rows = [(q, im, kind) for im, _, _ in data for kind, q in QUESTIONS.items()]
         return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
     from mmalign.data.records import load_table
-    from mmalign.diffusion.data import open_image
+    from mmalign.data.images import open_image
 
     t = load_table(o.prompts)
     return list(t["prompt"]), [open_image(x) for x in t["image"]], [None] * len(t)

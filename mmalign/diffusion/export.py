@@ -1,0 +1,91 @@
+"""Exports of a trained diffusion model: a LoRA that diffusers' ``pipe.load_lora_weights(dir)`` reads, or a
+full pipeline folder; PPD's user branch; a short model card.
+
+LoRA files follow the diffusers training scripts per family: SD / SDXL save the UNet's peft state dict
+converted to diffusers keys (``unet_lora_layers``), SD3 / Flux save the transformer's peft state dict
+(``transformer_lora_layers``), each through the family pipeline's own ``save_lora_weights``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .families import Family
+from .models import Components
+
+
+def save_lora(comp: Components, family: Family, denoiser, out: Path):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(denoiser)
+    if not family.flow:
+        layers = convert_state_dict_to_diffusers(layers)
+    pipe_cls = type(comp.pipeline(denoiser))
+    pipe_cls.save_lora_weights(str(out), **{family.lora_argument: layers})
+
+
+def save_full(comp: Components, denoiser, out: Path):
+    comp.pipeline(denoiser).save_pretrained(str(out))
+    comp.noise_scheduler.save_pretrained(str(out / "scheduler"))  # the training schedule, not the sampler
+
+
+def save_user_branch(denoiser, user_emb: dict, n_tokens: int, scale: float, out: Path):
+    """PPD: the user branch weights and the user embeddings (``users.load_user_branch`` reads them back)."""
+    from .users import UserAttnProcessor
+
+    state = {f"tokens.{k}": v for k, v in denoiser.user_tokens.state_dict().items()}
+    for name, proc in denoiser.attn_processors.items():
+        if isinstance(proc, UserAttnProcessor):
+            state.update({f"attn.{name}.{k}": v for k, v in proc.state_dict().items()})
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "user_branch.safetensors"))
+    save_file({f"user.{u}": e.contiguous() for u, e in user_emb.items()}, str(out / "user_embeddings.safetensors"))
+    (out / "user_branch.json").write_text(json.dumps({"n_tokens": n_tokens, "scale": scale, "users": sorted(user_emb)}))
+
+
+def write_model_card(out: Path, cfg, metrics: dict):
+    base = cfg.model.name_or_path or f"tiny random {cfg.model.kind} (from config)"
+    kind = "LoRA adapter" if cfg.model.lora else f"full {'transformer' if cfg.model.kind in ('sd3', 'flux') else 'UNet'} fine-tune"
+    lines = [
+        "---", "library_name: diffusers", "tags: [mmalign, diffusion-dpo, text-to-image]", "---", "",
+        f"# {cfg.loss.name} fine-tune of {base}", "",
+        f"A {kind} trained with mmalign's `{cfg.loss.name}` preference loss (Diffusion-DPO, Wallace et al. 2023).", "",
+        f"- base model: `{base}` ({cfg.model.kind})",
+        f"- data: `{cfg.data.train}` at {cfg.data.resolution}px",
+        f"- beta: {cfg.loss.params.get('beta')} (Salesforce convention), steps: {cfg.train.max_steps}, "
+        f"global batch: {cfg.train.batch_size} x {cfg.train.grad_accum} x processes",
+        f"- reference: {cfg.model.reference}, optimizer: {cfg.train.optimizer}, lr: {cfg.train.lr} "
+        f"(scale_lr={cfg.train.scale_lr})",
+    ]
+    if metrics:
+        lines += ["", "## Metrics", ""] + [f"- {k}: {v}" for k, v in metrics.items()]
+    if cfg.model.lora:
+        lines += ["", "## Use", "", "```python", "pipe.load_lora_weights(PATH_TO_THIS_FOLDER)", "```"]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+@torch.no_grad()
+def export(out_dir, cfg, comp: Components, family: Family, denoiser, ema=None, user_emb: dict | None = None,
+           card: dict | None = None):
+    """LoRA -> ``pytorch_lora_weights.safetensors``; full -> a diffusers pipeline folder (EMA weights when EMA
+    is on); PPD adds its user branch. Plus the model card."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        if cfg.ppd is not None:
+            save_user_branch(denoiser, user_emb or {}, cfg.ppd.n_tokens, cfg.ppd.scale, out)
+        if cfg.model.lora is not None:
+            save_lora(comp, family, denoiser, out)
+        else:
+            save_full(comp, denoiser, out)
+    finally:
+        if ema is not None:
+            ema.restore(params)
+    write_model_card(out, cfg, card or {})
