@@ -1,8 +1,9 @@
 """YAML configs bound to typed dataclasses.
 
-* ``load_config(path, overrides)`` reads YAML (``base: other.yaml`` inherits and deep-merges),
-  applies ``key.sub=value`` overrides (values parsed as YAML), and binds the result to the
-  recipe's dataclass named by the ``recipe:`` key.
+* ``read_config(path, overrides)`` reads YAML (``base: other.yaml`` inherits and deep-merges) and
+  applies ``key.sub=value`` overrides (values parsed as YAML); ``config_from_dict(data, recipes)`` binds
+  the result to the dataclass the ``recipe:`` key names in a recipe table. This module knows no recipe:
+  ``mmalign.train.sections.load_config`` binds against the shipped recipes (``RECIPES``).
 * Binding is strict: unknown keys, wrong types and missing required fields raise ``ConfigError``
   naming the dotted path and the valid choices.
 """
@@ -175,12 +176,9 @@ def to_dict(obj) -> Any:
     return obj
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None):
-    """Read, inherit, override and bind a recipe config; returns the recipe's dataclass instance."""
-    from mmalign.train.configs import RECIPES
-
-    data = apply_overrides(load_yaml(path), overrides or [])
-    return config_from_dict(data, RECIPES)
+def read_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Read, inherit (``base:``) and override a YAML config; plain data, not yet bound."""
+    return apply_overrides(load_yaml(path), overrides or [])
 
 
 def config_from_dict(data: dict, recipes) -> Any:

@@ -166,9 +166,9 @@ def run_mmalign(size: str, latent: int, steps: int, batch: int, mode: str, gc: b
     from accelerate import Accelerator
 
     from mmalign.config import config_from_dict
-    from mmalign.demo.world import synthetic_pairs
+    from mmalign.toyworld.world import synthetic_pairs
     from mmalign.diffusion.data import write_pickapic_parquet
-    from mmalign.train.configs import RECIPES
+    from mmalign.train.sections import RECIPES
     from mmalign.train.diffusion import DiffusionRecipe
     from mmalign.train.loop import train
 

@@ -60,7 +60,7 @@ def ours(model, tok, batch, steps, out):
     from accelerate import Accelerator
 
     from mmalign.config import config_from_dict
-    from mmalign.train.configs import RECIPES
+    from mmalign.train.sections import RECIPES
     from mmalign.train.lm import LMRecipe
 
     cfg = config_from_dict({

@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mmalign.demo.world import COLORS, SHAPES
+from mmalign.toyworld.world import COLORS, SHAPES
 
 GENERIC = """a an the of and or in on at to with for from by is are was were be this that these those it
 there here one two three four five six small large big tiny left right top bottom center middle picture image

@@ -46,7 +46,7 @@ def table_row(name, te, pairs, steps):
 
 
 def area(img) -> float:
-    from mmalign.demo.world import analyse
+    from mmalign.toyworld.world import analyse
 
     return analyse(img)["area"]
 
@@ -59,7 +59,7 @@ def ppd_experiment(s, prep, out: Path, steps: int):
     from mmalign.diffusion.data import write_pickapic_parquet
     from mmalign.diffusion.users import interpolate, sample_for_user
     from mmalign.train.diffusion import run
-    from mmalign.demo.world import is_correct
+    from mmalign.toyworld.world import is_correct
 
     pipe = prep.comp.pipeline()
     cand_p = [p for p in prep.train_prompts for _ in range(16)]
@@ -105,7 +105,7 @@ def rpo_experiment(s, prep, out: Path, steps: int):
     import copy
 
     from mmalign.demo.run import demo_config, sample
-    from mmalign.demo.world import Scene, render
+    from mmalign.toyworld.world import Scene, render
     from mmalign.diffusion.data import write_pickapic_parquet
     from mmalign.diffusion.subject import build_rpo_pairs
     from mmalign.rewards import load_reward
@@ -159,7 +159,7 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--only", default="", help="comma list of methods to run (default: all)")
     args = ap.parse_args()
-    from mmalign.data.captions import add_dual_captions, shapes_oracle_captioner
+    from mmalign.data.captions import add_dual_captions, world_captioner
     from mmalign.data.fifa import fifa_filter
     from mmalign.demo.run import DemoSettings, demo_config, prepare, train_and_evaluate
     from mmalign.diffusion.data import load_pairs_table
@@ -169,11 +169,11 @@ def main():
     t_all = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    s = DemoSettings(out=str(out), steps=args.steps)
+    s = DemoSettings(out=str(out), steps=args.steps, eval_seeds=8)
     prep = prepare(s, out)
-    pairs = str(out / "pairs.parquet")
+    pairs = prep.pairs_file
     table = load_pairs_table(pairs)[0]
-    add_dual_captions(table, "captioning", captioner=shapes_oracle_captioner).to_parquet(str(out / "dcpo_cap.parquet"))
+    add_dual_captions(table, "captioning", captioner=world_captioner("shapes")).to_parquet(str(out / "dcpo_cap.parquet"))
     add_dual_captions(table, "perturbation", "medium", seed=0).to_parquet(str(out / "dcpo_pert.parquet"))
     filtered, fres = fifa_filter(table, load_reward("toy_clip", device="cpu"), fraction=0.5)
     filtered.to_parquet(str(out / "fifa.parquet"))

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from mmalign.demo.world import all_prompts, oracle_score
+from mmalign.toyworld.world import all_prompts, oracle_score
 from mmalign.diffusion.models import load_components
 from mmalign.paths import ASSETS
 

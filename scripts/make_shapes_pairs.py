@@ -9,7 +9,7 @@ users.parquet adds a user_id column (PPD); vqa_pairs*.parquet are VLM preference
 import argparse
 from pathlib import Path
 
-from mmalign.demo.world import synthetic_pairs
+from mmalign.toyworld.world import synthetic_pairs
 from mmalign.diffusion.data import write_pickapic_parquet
 
 
@@ -37,8 +37,8 @@ def write_vqa_pairs(path, n, seed):
 
     import datasets
 
-    from mmalign.demo.qa import QUESTIONS, answer
-    from mmalign.demo.world import COLORS, SHAPES, make_dataset
+    from mmalign.toyworld.qa import QUESTIONS, answer
+    from mmalign.toyworld.world import COLORS, SHAPES, make_dataset
 
     rng = random.Random(seed)
     rows = []

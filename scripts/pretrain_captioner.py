@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from mmalign.demo.world import describe, make_dataset
+from mmalign.toyworld.world import describe, make_dataset
 from mmalign.models.captioner import tiny_clipcap
 from mmalign.paths import ASSETS
 from mmalign.rewards.backbones import OpenClip
-from mmalign.train.captioner import content_accuracy
+from mmalign.worlds import get_world
 
 CONFUSION = {"orange": ("red", 0.6), "purple": ("blue", 0.6), "green": ("yellow", 0.3)}
 
@@ -63,7 +63,7 @@ def main():
     cap.eval()
     test = make_dataset(300, seed=12_345)
     caps = cap.caption([d[0] for d in test])
-    acc = content_accuracy([d[0] for d in test], caps)
+    acc = get_world("shapes").caption_accuracy([d[0] for d in test], caps)
     cap.save(args.out)
     (Path(args.out) / "TRAINING.md").write_text(
         f"Pretrained by scripts/pretrain_captioner.py {vars(args)} with caption confusions {CONFUSION}.\n\n"

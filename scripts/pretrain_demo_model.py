@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmalign.demo.world import COLORS, SHAPES, IMAGE_SIZE, all_prompts, describe, is_correct, oracle_score, render, sample_scene
+from mmalign.toyworld.world import COLORS, SHAPES, IMAGE_SIZE, all_prompts, describe, is_correct, oracle_score, render, sample_scene
 from mmalign.diffusion.models import TINY_CLIP_TOKENIZER, Components, save_components
 
 

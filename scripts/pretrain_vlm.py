@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from mmalign.demo.qa import QUESTIONS, answer, evaluate_qa
-from mmalign.demo.world import make_dataset
+from mmalign.toyworld.qa import QUESTIONS, answer, evaluate_qa
+from mmalign.toyworld.world import make_dataset
 from mmalign.paths import ASSETS
 from mmalign.vl.models import encode_prompt, tiny_llava
 

@@ -35,7 +35,7 @@ def main():
         t = load_table(args.pairs)
         images, captions = [open_image(x) for x in t["image"]], [str(c) for c in t["caption"]]
     else:
-        from mmalign.demo.world import describe, make_dataset
+        from mmalign.toyworld.world import describe, make_dataset
 
         data = make_dataset(args.shapes_world, seed=args.seed + 50)
         images, captions = [d[0] for d in data], [describe(d[2].color, d[2].shape) for d in data]

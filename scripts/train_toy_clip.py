@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ImageFilter
 
-from mmalign.demo.world import all_prompts, analyse, render, sample_scene
+from mmalign.toyworld.world import all_prompts, analyse, render, sample_scene
 from mmalign.paths import ASSETS
 
 TEMPLATES = ["{}", "a picture of {}", "{} on a dark background", "an image showing {}"]

@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from mmalign.cli import COMMANDS, build_parser
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +52,26 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     test_cmd = [line for line in readme.splitlines() if "pytest" in line][0].strip().strip("`")
     assert test_cmd.split("&&")[-1].strip() in ci
+
+
+HELP = [[c.name] for c in COMMANDS] + [["data", t] for t in ("fifa", "dcpo", "rpo-pairs", "bdhs")]
+
+
+@pytest.mark.parametrize("argv", HELP, ids=[" ".join(a) for a in HELP])
+def test_every_command_has_working_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*argv, "--help"])
+    assert e.value.code == 0
+    assert "usage: mmalign " + " ".join(argv) in capsys.readouterr().out
+
+
+def test_help_is_fast_and_loads_no_torch():
+    """Building the parser imports only the command modules; libraries load when a command runs."""
+    code = "import sys; from mmalign.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-1000:]
+
+
+def test_bad_input_is_one_error_line(tmp_path):
+    r = sh("score", "--reward", "clipscore", "--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "s.csv"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: no images found") and "Traceback" not in r.stderr

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmalign.config import ConfigError, load_config
-from mmalign.train.configs import RECIPES
+from mmalign.config import ConfigError
+from mmalign.train.sections import load_config
+from mmalign.train.sections import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
@@ -59,3 +60,23 @@ def test_missing_required_key(tmp_path):
     f.write_text("recipe: lm\nmodel: {tiny: {arch: gpt2}}\n")
     with pytest.raises(ConfigError, match="data: required key missing"):
         load_config(f)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_one_shared_model_source_section(recipe):
+    """Every recipe's model section is the shared ModelSource (exactly one of name_or_path / tiny); those
+    with a reference are PolicySource, so 'peft needs lora' holds for all of them (VLM once lost it)."""
+    import dataclasses
+    import typing
+
+    from mmalign.train.sections import ModelSource, PolicySource
+
+    cls = RECIPES[recipe]
+    model_t = typing.get_type_hints(cls)["model"]
+    assert issubclass(model_t, ModelSource)
+    with pytest.raises(ConfigError, match="exactly one of name_or_path or tiny"):
+        model_t(name_or_path="x", tiny={}).validate()
+    if "reference" in {f.name for f in dataclasses.fields(model_t)}:
+        assert issubclass(model_t, PolicySource)
+        with pytest.raises(ConfigError, match="peft needs model.lora"):
+            model_t(tiny={}, reference="peft").validate()

@@ -10,9 +10,9 @@ from PIL import Image
 
 from mmalign.data.images import contained_path, open_image
 from mmalign.data.records import DataError
-from mmalign.demo.world import synthetic_pairs
+from mmalign.toyworld.world import synthetic_pairs
 from mmalign.diffusion.data import PreferencePairs
-from mmalign.rewards.cli import read_prompts, write_html
+from mmalign.rewards.scoring import read_prompts, write_html
 
 
 def image_folder(tmp_path: Path, bad_name: str) -> Path:

@@ -9,9 +9,9 @@ import datasets
 import numpy as np
 import pytest
 
-from mmalign.data.captions import LEXICON, WORD_CATEGORY, add_dual_captions, perturb_caption, shapes_oracle_captioner
+from mmalign.data.captions import LEXICON, WORD_CATEGORY, add_dual_captions, perturb_caption, world_captioner
 from mmalign.data.fifa import fifa_filter, fifa_select, heuristic_quality, kl_entropy, knn_log_distances
-from mmalign.demo.world import is_correct
+from mmalign.toyworld.world import is_correct
 from mmalign.diffusion.data import load_pairs_table, open_image
 from mmalign.rewards import load_reward
 
@@ -84,7 +84,7 @@ def test_perturbation_levels():
 def test_dual_captions_go_to_the_right_images(strategy):
     table, _ = load_pairs_table(PAIRS)
     table = table.select(range(12))
-    out = add_dual_captions(table, strategy, "weak", shapes_oracle_captioner, seed=0)
+    out = add_dual_captions(table, strategy, "weak", world_captioner("shapes"), seed=0)
     keep = [i for i in range(12) if table[i]["label_0"] != 0.5]
     assert len(out) == len(keep)
     for row in out:
@@ -99,7 +99,7 @@ def test_dual_captions_go_to_the_right_images(strategy):
 
 def test_dcpo_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mmalign", "data", "dcpo", "--data", PAIRS, "--strategy", "captioning",
-                        "--captioner", "shapes-oracle", "--out", str(tmp_path / "d.parquet")], cwd=ROOT,
+                        "--captioner", "world:shapes", "--out", str(tmp_path / "d.parquet")], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     t = datasets.Dataset.from_parquet(str(tmp_path / "d.parquet"))
@@ -109,7 +109,7 @@ def test_dcpo_cli(tmp_path):
 def test_rpo_pairs_from_a_subject_folder(tmp_path):
     from mmalign.diffusion.models import save_components, tiny_components
     from mmalign.diffusion.subject import build_rpo_pairs, load_subject_folder
-    from mmalign.demo.world import make_dataset
+    from mmalign.toyworld.world import make_dataset
 
     subj = tmp_path / "subject"
     subj.mkdir()

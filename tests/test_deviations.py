@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmalign.config import load_config
-from mmalign.demo.world import synthetic_pairs
+from mmalign.train.sections import load_config
+from mmalign.toyworld.world import synthetic_pairs
 from mmalign.diffusion.data import PreferencePairs, write_pickapic_parquet
 from mmalign.losses import LOSSES
 
@@ -86,3 +86,42 @@ def test_shipped_diffusion_configs_state_their_peer_settings():
         if "lora" in path.name:  # the configs built on the diffusers LoRA scripts (InPO, a Salesforce fork, keeps 0.2)
             assert cfg.data.caption_dropout == 0.0, path
     assert load_config(ROOT / "configs/sd15/diffusion_dpo_lora.yaml").loss.params["beta"] == 2 * 2500
+
+
+def test_vae_latents_are_posterior_samples_keyed_by_the_pair(tmp_path):
+    """Matches the peers (latent_dist.sample(), independent per image) by default, but keyed by the pair's
+    generator, so cached == uncached and resume/2-process stay exact; data.vae_latents=mean for models
+    pretrained on posterior means (the demo)."""
+    from accelerate import Accelerator
+
+    from mmalign.diffusion.families import family_for
+    from mmalign.train.diffusion import DiffusionRecipe
+
+    base = [f"train.output_dir={tmp_path}", "train.progress=false", "validation.prompts=[]", "data.eval=null",
+            "data.max_examples=6", "data.random_flip=false"]
+    r = DiffusionRecipe(load_config(ROOT / "configs/tiny/diffusion_dpo.yaml", base), Accelerator())
+    assert r.cfg.data.vae_latents == "sample"
+    b = r.train_data.collate([r.train_data[i] for i in range(4)])
+    gens = r.inputs.generators(b, 3, "train")
+    x0, noise, t, _ = r.inputs.build(b, gens, "train")
+    with torch.no_grad():
+        mean, std = family_for(r.comp).latent_stats(r.comp.vae, b.pixels.flatten(0, 1))
+    mean, std = mean.view_as(x0), std.view_as(x0)
+    gens = r.inputs.generators(b, 3, "train")  # replay the draws: flip, dropout, noise, t, then the VAE sample
+    eps = []
+    for g in gens:
+        torch.rand(1, generator=g), torch.rand(1, generator=g)
+        torch.randn(tuple(x0.shape[2:]), generator=g), torch.randint(0, 1000, (1,), generator=g)
+        eps.append(torch.randn(tuple(x0.shape[1:]), generator=g))
+    torch.testing.assert_close(x0, mean + std * torch.stack(eps), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(x0, mean, atol=1e-3)
+    rc = DiffusionRecipe(load_config(ROOT / "configs/tiny/diffusion_dpo.yaml",
+                                     base + [f"data.cache_dir={tmp_path / 'cache'}"]), Accelerator())
+    bc = rc.train_data.collate([rc.train_data[i] for i in range(4)])
+    x0c, *_ = rc.inputs.build(bc, rc.inputs.generators(bc, 3, "train"), "train")
+    torch.testing.assert_close(x0c, x0, rtol=1e-5, atol=1e-6)  # the cache keeps mean and std
+    rm = DiffusionRecipe(load_config(ROOT / "configs/tiny/diffusion_dpo.yaml", base + ["data.vae_latents=mean"]),
+                         Accelerator())
+    bm = rm.train_data.collate([rm.train_data[i] for i in range(4)])
+    x0m, *_ = rm.inputs.build(bm, rm.inputs.generators(bm, 3, "train"), "train")
+    torch.testing.assert_close(x0m, mean, rtol=1e-5, atol=1e-6)

@@ -8,9 +8,10 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from mmalign.config import ConfigError, load_config
+from mmalign.config import ConfigError
+from mmalign.train.sections import load_config
 from mmalign.data.records import DataError
-from mmalign.demo.world import synthetic_pairs
+from mmalign.toyworld.world import synthetic_pairs
 from mmalign.diffusion.data import PreferencePairs, write_pickapic_parquet
 from mmalign.diffusion.models import load_components, tiny_components
 from mmalign.diffusion.families import Cond, UNetFamily, sdxl_time_ids
@@ -107,7 +108,7 @@ def test_flip_and_crop_are_joint(tmp_path):
     ds = PreferencePairs(str(tmp_path / "same.parquet"), resolution=32, center_crop=False)
     item = ds[0]
     assert torch.equal(item["pixels"][0], item["pixels"][1])
-    r = recipe_(tmp_path / "r", f"data.train={tmp_path / 'same.parquet'}", "data.eval=null")
+    r = recipe_(tmp_path / "r", f"data.train={tmp_path / 'same.parquet'}", "data.eval=null", "data.vae_latents=mean")
     b = batch_of(r, 4)
     x0, *_ = r.inputs.build(b, [r.inputs.generator(s, 0, "train") for s in range(4)], "train")
     torch.testing.assert_close(x0[:, 0], x0[:, 1])
@@ -132,7 +133,7 @@ def test_pickapic_ties_labels_and_columns(tmp_path):
 
 def test_winner_first_after_swap():
     ds = PreferencePairs(PAIRS, resolution=32)
-    from mmalign.demo.world import oracle_score
+    from mmalign.toyworld.world import oracle_score
 
     for i in range(12):
         a, b = ds.load_images(i)
@@ -263,7 +264,7 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path):
 
 
 def test_validation_grid_and_scorer(tmp_path):
-    from mmalign.demo.world import oracle_score
+    from mmalign.toyworld.world import oracle_score
 
     res = run(cfg_(tmp_path, "train.max_steps=1", "train.eval_every=1", "validation.prompts=[a red circle]"),
               scorer=lambda ims, ps: [oracle_score(i, p) for i, p in zip(ims, ps)])

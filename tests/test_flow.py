@@ -7,7 +7,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from mmalign.config import ConfigError, load_config
+from mmalign.config import ConfigError
+from mmalign.train.sections import load_config
 from mmalign.diffusion.families import FlowFamily, latent_image_ids, pack_latents, unpack_latents
 from mmalign.diffusion.models import tiny_components
 from mmalign.train.diffusion import DiffusionRecipe, run

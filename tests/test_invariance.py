@@ -16,7 +16,7 @@ import torch
 
 from mmalign.config import ConfigError
 from mmalign.losses import LOSSES, RunningMoments, backward_loss, kto_kl
-from mmalign.train.configs import LossSection, TrainSection, check_loss_and_batching
+from mmalign.train.sections import LossSection, TrainSection, check_loss_and_batching
 
 D, K, T, N = 5, 3, 6, 8  # features, list/group size, tokens, rows per optimiser step
 HP = {"mm_dpo": {"beta": 0.5}, "simpo": {"beta": 2.0}}

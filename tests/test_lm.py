@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from mmalign.config import load_config
+from mmalign.train.sections import load_config
 from mmalign.data.records import DataError
 from mmalign.data.text import TextPreferenceData
 from mmalign.models.lm import completion_logps, load_tokenizer

@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from mmalign.train import checkpoint as ckpt
-from mmalign.train.configs import TrainSection
+from mmalign.train.sections import TrainSection
 from mmalign.train.loop import NonFiniteLossError, ResumableBatches, train
 from tests.toy_recipe import ToyRecipe
 

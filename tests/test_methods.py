@@ -5,8 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmalign.config import ConfigError, load_config
-from mmalign.demo.world import synthetic_pairs
+from mmalign.config import ConfigError
+from mmalign.train.sections import load_config
+from mmalign.toyworld.world import synthetic_pairs
 from mmalign.diffusion.data import write_pickapic_parquet
 from mmalign.diffusion.inversion import ddim_invert, inversion_grid
 from mmalign.diffusion.models import tiny_components

@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from mmalign.config import load_config
+from mmalign.train.sections import load_config
 from mmalign.models.reference import Reference, adapters_disabled, resolve_kind
 
 CASES = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.demo.world import make_dataset
+from mmalign.toyworld.world import make_dataset
 from mmalign.rewards import REWARDS, AestheticMLP, lambda_harmonic, load_reward
 from mmalign.rewards.backbones import preprocess
 

@@ -1,7 +1,7 @@
 """The procedural shapes world and its oracle."""
 import pytest
 
-from mmalign.demo.world import (COLORS, SHAPES, all_prompts, analyse, describe, is_correct, make_dataset, oracle_score,
+from mmalign.toyworld.world import (COLORS, SHAPES, all_prompts, analyse, describe, is_correct, make_dataset, oracle_score,
                                 parse_prompt, render, Scene)
 
 

@@ -6,6 +6,7 @@ import torch
 
 from mmalign.losses import LOSSES
 from mmalign.train.loop import StepOutput, example_generator
+from mmalign.train.recipe import RecipeBase
 
 
 @dataclass
@@ -39,10 +40,10 @@ class ToyData(torch.utils.data.Dataset):
         return ToyBatch(self.xw[idx], self.xl[idx], idx)
 
 
-class ToyRecipe:
+class ToyRecipe(RecipeBase):
     def __init__(self, d=6, seed=0, nan_rows=(), noise=True):
         torch.manual_seed(seed)
-        self.model = torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.policy = self.model = torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         self.ref = [p.detach().clone() for p in self.model.parameters()]
         self.ref_model = torch.nn.Sequential(torch.nn.Linear(d, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         self.ref_model.load_state_dict(self.model.state_dict())
@@ -54,24 +55,7 @@ class ToyRecipe:
     def describe(self):
         return "toy"
 
-    def trainable_parameters(self):
-        return list(self.model.parameters())
-
-    def trainable_state(self):
-        m = self.model.module if hasattr(self.model, "module") else self.model
-        return {k: v.detach() for k, v in m.state_dict().items()}
-
-    def load_trainable_state(self, sd):
-        m = self.model.module if hasattr(self.model, "module") else self.model
-        m.load_state_dict(sd)
-
-    def extra_state(self):
-        return {}
-
-    def load_extra_state(self, d):
-        pass
-
-    def compute(self, batch, step=0):
+    def compute(self, batch, step=0, split="train"):
         xw, xl = batch.xw, batch.xl
         if self.noise:  # per-example noise keyed by (seed, step, row): tests determinism across resume
             eps = torch.stack([torch.randn(xw.shape[1], generator=example_generator(self.seed, step, int(r)))

@@ -16,6 +16,9 @@ from __future__ import annotations
 import random
 import re
 
+from mmalign.data.images import open_image
+from mmalign.worlds import get_world
+
 LEVELS = {"weak": 1, "medium": 2, "strong": 3}
 LEXICON = {
     "color": ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "brown", "gray"],
@@ -82,15 +85,11 @@ def lm_perturb(model, tokenizer, texts: list[str], level: str = "medium", max_ne
     return out
 
 
-def shapes_oracle_captioner(images) -> list[str]:
-    """The shapes world's describer: the measured colour and shape of each image."""
-    from mmalign.demo.world import analyse, describe
+def world_captioner(name: str):
+    """A plug-in world's oracle describer as a captioner: ``fn(images) -> captions``."""
 
-    out = []
-    for im in images:
-        a = analyse(im)
-        out.append(describe(a["color"], a["shape"]) if a["color"] else "an empty dark image")
-    return out
+    w = get_world(name)
+    return lambda images: [w.describe(im) for im in images]
 
 
 def dcpo_captions(winner_captions: list[str], loser_images, strategy: str, level: str = "medium",
@@ -120,7 +119,6 @@ def dcpo_captions(winner_captions: list[str], loser_images, strategy: str, level
 def add_dual_captions(table, strategy: str, level: str = "medium", captioner=None, seed: int = 0):
     """Pick-a-Pic table -> the same rows (ties dropped) with ``caption_0`` / ``caption_1``: the preferred
     image keeps the prompt, the rejected one gets the strategy's caption."""
-    from mmalign.data.images import open_image
 
     rows = [i for i in range(len(table)) if float(table[i]["label_0"]) != 0.5]
     win0 = [float(table[i]["label_0"]) == 1.0 for i in rows]

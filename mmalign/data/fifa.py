@@ -3,7 +3,6 @@ Human Feedback Data for Aligning Text-to-Image Diffusion Models", arXiv 2410.101
 
 FiFA selects the K pairs maximising  sum margin + alpha * sum quality + gamma * H(prompts), and
 approximates the set objective with a per-pair importance score, keeping the top fraction:
-
     importance_i = z(margin_i) + alpha * quality_i + gamma * log rho_k(i)
 
 * margin_i = r(c_i, x_w) - r(c_i, x_l) under a proxy reward from ``REWARDS`` (standardised, z);
@@ -21,6 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from mmalign.data.images import open_image
+from mmalign.models.lm import completion_logps
 
 BLOCKLIST = {"nsfw", "nude", "naked", "gore", "porn", "sex", "blood"}
 STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "at", "to", "is", "are", "by", "for"}
@@ -49,7 +51,6 @@ def heuristic_quality(text: str) -> float:
 
 def lm_quality(model, tokenizer, texts: list[str], batch_size: int = 16) -> list[float]:
     """Prompt quality from a causal LM: sigmoid(mean token log-likelihood + 4) -- fluent text scores high."""
-    from mmalign.models.lm import completion_logps
 
     out = []
     for lo in range(0, len(texts), batch_size):
@@ -132,7 +133,6 @@ def fifa_filter(table, reward, fraction: float = 0.1, alpha: float = 0.5, gamma:
     """Score a Pick-a-Pic-style table (caption, jpg_0, jpg_1, label_0) with ``reward`` and return the
     filtered table (ties dropped first) and the result. Prompt embeddings come from the reward's text
     encoder when it has one."""
-    from mmalign.data.images import open_image
 
     rows = [i for i in range(len(table)) if float(table[i]["label_0"]) != 0.5]
     caps = [table[i]["caption"] for i in rows]

@@ -2,52 +2,41 @@
 
 1. load the shipped base model (assets/models/shapes-sd, pretrained on noisy captions, so it often
    draws the wrong colour or shape);
-2. sample candidates for the training prompts and label pairs with the programmatic oracle
-   (``mmalign.demo.world.oracle_score``) -- written as a Pick-a-Pic v2 parquet file;
-3. train with the standard ``diffusion`` recipe (the same code path as SDXL), validating on fixed
-   prompts/seeds with the oracle as reward;
-4. compare base and tuned models on the same prompts and seeds, including prompts held out of
-   training: oracle score, prompt accuracy and win rate; save a grid and a reward-curve plot.
+2. sample candidates for the training prompts and label pairs with the shapes world's oracle -- written
+   as a Pick-a-Pic v2 parquet file (cached in ``<out>/base`` and reused by later runs with the same settings);
+3. for every training seed, train with the standard ``diffusion`` recipe (the same code path as SDXL),
+   validating on fixed prompts/seeds with the oracle as reward;
+4. compare base and tuned models on the same prompts and seeds, including prompts held out of training:
+   oracle score, prompt accuracy and win rate per seed, then the mean and spread over seeds; save a grid
+   (first seed) and the reward curves (every seed).
+
+Why several seeds: the tuned model depends on the training seed (data order, noise) and on the floating-
+point rounding of the machine (CPU microarchitecture and thread count change kernel results, and 300
+steps of DPO amplify that), so one run is one draw; the table reports mean, spread and the worst seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from PIL import Image
 
-from mmalign.paths import ASSETS
+from mmalign.config import config_from_dict, deep_merge
+from mmalign.diffusion.data import write_pickapic_parquet
+from mmalign.diffusion.models import load_components
+from mmalign.evaluation import wins
+from mmalign.toyworld.world import all_prompts, is_correct, oracle_score
+from mmalign.train.diffusion import run as run_diffusion
+from mmalign.train.sections import RECIPES
+from mmalign.utils import print_table
 
-from .world import all_prompts, is_correct, oracle_score
-
-DEMO_MODEL = ASSETS / "models" / "shapes-sd"
-HELD_OUT = ["a green triangle", "a purple circle", "an orange square", "a blue triangle"]
-
-
-@dataclass
-class DemoSettings:
-    out: str = "runs/demo"
-    model: str = str(DEMO_MODEL)
-    steps: int = 300
-    candidates: int = 32
-    """samples per training prompt to label"""
-    min_margin: float = 0.25
-    """keep pairs whose oracle scores differ by at least this"""
-    eval_seeds: int = 8
-    beta: float = 2500.0
-    lr: float = 2e-5
-    batch_size: int = 16
-    lora_rank: int = 0
-    """0 = full UNet fine-tune (frozen reference copy); > 0 = LoRA with the adapters-off reference"""
-    loss: str = "dpo"
-    guidance: float = 3.0
-    sample_steps: int = 20
-    seed: int = 0
-    held_out: list[str] = field(default_factory=lambda: list(HELD_OUT))
+from .settings import HELD_OUT, DemoSettings
 
 
 def oracle(images, prompts) -> list[float]:
@@ -85,51 +74,66 @@ def label_pairs(images, prompts, scores, min_margin: float, rng: np.random.Gener
     return rows
 
 
+SPLITS = ("held-out prompts", "training prompts", "all prompts")
+
+
 def summarize(base_scores, tuned_scores, base_ok, tuned_ok, prompts, held_out) -> list[dict]:
     rows = []
-    for name, sel in (("held-out prompts", [p in held_out for p in prompts]),
-                      ("training prompts", [p not in held_out for p in prompts]),
-                      ("all prompts", [True] * len(prompts))):
+    for name, sel in zip(SPLITS, ([p in held_out for p in prompts], [p not in held_out for p in prompts],
+                                  [True] * len(prompts))):
         m = np.array(sel)
         b, t = np.array(base_scores)[m], np.array(tuned_scores)[m]
-        win = float(np.mean((t > b) + 0.5 * (t == b)))
         rows.append({"split": name, "n": int(m.sum()), "base_score": float(b.mean()), "tuned_score": float(t.mean()),
                      "base_accuracy": float(np.array(base_ok)[m].mean()),
-                     "tuned_accuracy": float(np.array(tuned_ok)[m].mean()), "win_rate": win})
+                     "tuned_accuracy": float(np.array(tuned_ok)[m].mean()), "win_rate": float(wins(t, b).mean())})
     return rows
 
 
-def plot_curves(history: list[dict], eval_history: list[dict], path: Path, base_reward: float):
+def across_seeds(tables: list[list[dict]]) -> list[dict]:
+    """Per split: mean, standard deviation and minimum over seeds of the tuned metrics."""
+    out = []
+    for name in SPLITS:
+        rs = [next(r for r in t if r["split"] == name) for t in tables]
+        row = {"split": name, "n": rs[0]["n"], "base_score": rs[0]["base_score"], "base_accuracy": rs[0]["base_accuracy"]}
+        for k in ("tuned_score", "tuned_accuracy", "win_rate"):
+            v = np.array([r[k] for r in rs])
+            row.update({k: float(v.mean()), f"{k}_sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                        f"{k}_min": float(v.min())})
+        out.append(row)
+    return out
+
+
+def plot_curves(runs: list[tuple[int, list[dict], list[dict]]], path: Path, base_reward: float):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    ev = [r for r in eval_history if "eval/reward" in r]
-    ax[0].plot([r["step"] for r in ev], [r["eval/reward"] for r in ev], "o-", label="tuned (validation)")
+    for seed, history, eval_history in runs:
+        ev = [r for r in eval_history if "eval/reward" in r]
+        ax[0].plot([r["step"] for r in ev], [r["eval/reward"] for r in ev], "o-", label=f"tuned, seed {seed}")
+        tr = [r for r in history if "train/reward_accuracy" in r]
+        ax[1].plot([r["step"] for r in tr], [r["train/reward_accuracy"] for r in tr], label=f"implicit acc, seed {seed}")
+        ax[1].plot([r["step"] for r in tr], [r["train/loss"] for r in tr], ls="--", label=f"DPO loss, seed {seed}")
     ax[0].axhline(base_reward, color="gray", ls="--", label="base model")
     ax[0].set(xlabel="step", ylabel="oracle score", title="reward on validation prompts/seeds")
-    ax[0].legend()
-    tr = [r for r in history if "train/reward_accuracy" in r]
-    ax[1].plot([r["step"] for r in tr], [r["train/reward_accuracy"] for r in tr], label="implicit accuracy")
-    ax[1].plot([r["step"] for r in tr], [r["train/loss"] for r in tr], label="DPO loss")
+    ax[0].legend(fontsize=7)
     ax[1].axhline(np.log(2), color="gray", ls=":", lw=1)
     ax[1].set(xlabel="step", title="training")
-    ax[1].legend()
+    ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def grid_image(base, tuned, prompts, seeds_per_prompt: int, path: Path, show: list[str]):
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     cell, pad, label_w = 48, 2, 150
+    seeds_per_prompt = min(seeds_per_prompt, 8)
     rows = [(p, kind) for p in show for kind in ("base", "tuned")]
-    W = label_w + seeds_per_prompt * (cell + pad)
-    H = len(rows) * (cell + pad) + 16
-    g = Image.new("RGB", (W, H), (255, 255, 255))
+    g = Image.new("RGB", (label_w + seeds_per_prompt * (cell + pad), len(rows) * (cell + pad) + 16), (255, 255, 255))
     d = ImageDraw.Draw(g)
     d.text((label_w, 2), "same seed per column", fill=(0, 0, 0))
     for r, (p, kind) in enumerate(rows):
@@ -138,24 +142,22 @@ def grid_image(base, tuned, prompts, seeds_per_prompt: int, path: Path, show: li
         y = 16 + r * (cell + pad)
         d.text((4, y + cell // 2 - 6), f"{p} [{kind}]{' *' if p in HELD_OUT else ''}", fill=(0, 0, 0))
         for c, i in enumerate(idx):
-            im = imgs[i].resize((cell, cell), Image.NEAREST)
-            g.paste(im, (label_w + c * (cell + pad), y))
-            ok = is_correct(imgs[i], p)
+            g.paste(imgs[i].resize((cell, cell), Image.NEAREST), (label_w + c * (cell + pad), y))
             d.rectangle([label_w + c * (cell + pad), y, label_w + c * (cell + pad) + cell - 1, y + cell - 1],
-                        outline=(40, 180, 40) if ok else (220, 40, 40))
+                        outline=(40, 180, 40) if is_correct(imgs[i], p) else (220, 40, 40))
     g.save(path)
 
 
 def demo_config(s: DemoSettings, pairs_file: str, out: str, val_prompts: list[str], extra: dict | None = None):
     """The ``diffusion`` recipe config the demo trains with; ``extra`` deep-merges method options."""
-    from mmalign.config import config_from_dict, deep_merge
-    from mmalign.train.configs import RECIPES
-
     base = {
         "recipe": "diffusion",
         "model": {"kind": "sd", "name_or_path": s.model,
                   **({"lora": {"r": s.lora_rank, "alpha": s.lora_rank}} if s.lora_rank else {})},
-        "data": {"train": pairs_file, "resolution": 32, "random_flip": True},
+        # the demo UNet was pretrained on VAE posterior means (scripts/pretrain_demo_model.py), and its tiny
+        # VAE's posterior std is large (0.37 against a latent std of 1.0), so train on the means too
+        "data": {"train": pairs_file, "resolution": 32, "random_flip": True, "vae_latents": "mean",
+                 "cache_dir": str(Path(pairs_file).parent / f"cache-{Path(pairs_file).stem}")},
         "loss": {"name": s.loss, "beta": s.beta},
         "train": {"output_dir": out, "max_steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
                   "eval_every": max(1, s.steps // 6), "log_every": max(1, s.steps // 30), "seed": s.seed,
@@ -166,47 +168,65 @@ def demo_config(s: DemoSettings, pairs_file: str, out: str, val_prompts: list[st
     return config_from_dict(deep_merge(base, extra or {}), RECIPES)
 
 
-def prepare(s: DemoSettings, out: Path):
-    """Base model, its samples on the evaluation prompts/seeds, and oracle-labelled candidate pairs."""
-    from mmalign.diffusion.data import write_pickapic_parquet
-    from mmalign.diffusion.models import load_components
+PREP_KEYS = ("model", "candidates", "min_margin", "eval_seeds", "guidance", "sample_steps", "held_out")
 
-    torch.manual_seed(s.seed)
-    rng = np.random.default_rng(s.seed)
+
+def _save_images(path: Path, images):
+    np.savez_compressed(path, *[np.asarray(im) for im in images])
+
+
+def _load_images(path: Path):
+    with np.load(path) as z:
+        return [Image.fromarray(z[f"arr_{i}"]) for i in range(len(z.files))]
+
+
+def prepare(s: DemoSettings, out: Path):
+    """Base model, its samples on the evaluation prompts/seeds, and oracle-labelled candidate pairs. Cached in
+    ``out/base`` (keyed by the settings that shape them), so more seeds or a second run skip the sampling."""
     comp = load_components("sd", s.model)
-    pipe = comp.pipeline()
     prompts = all_prompts()
     unknown = [p for p in s.held_out if p not in prompts]
     if unknown:
         raise ValueError(f"held-out prompts {unknown} are not prompts of the shapes world")
     train_prompts = [p for p in prompts if p not in s.held_out]
-    print(f"[1/4] base model: sampling {len(prompts)} prompts x {s.eval_seeds} seeds", flush=True)
     eval_p = [p for p in prompts for _ in range(s.eval_seeds)]
     eval_seeds = [10_000 + j for _ in prompts for j in range(s.eval_seeds)]
-    base_imgs = sample(pipe, eval_p, eval_seeds, s)
-    print(f"[2/4] labelling: {s.candidates} candidates x {len(train_prompts)} training prompts with the oracle",
-          flush=True)
-    cand_p = [p for p in train_prompts for _ in range(s.candidates)]
-    cand_imgs = sample(pipe, cand_p, list(range(len(cand_p))), s)
-    pairs = label_pairs(cand_imgs, cand_p, oracle(cand_imgs, cand_p), s.min_margin, rng)
-    if len(pairs) < s.batch_size:
-        raise RuntimeError(f"only {len(pairs)} preference pairs with margin >= {s.min_margin}; lower --min-margin")
-    write_pickapic_parquet(out / "pairs.parquet", pairs)
-    print(f"      {len(pairs)} pairs (Pick-a-Pic v2 schema) -> {out / 'pairs.parquet'}", flush=True)
+    cache, key = out / "base", {k: getattr(s, k) for k in PREP_KEYS}
+    if (cache / "prepare.json").exists() and json.loads((cache / "prepare.json").read_text())["settings"] == key:
+        meta = json.loads((cache / "prepare.json").read_text())
+        base_imgs = _load_images(cache / "base_images.npz")
+        print(f"[1-2/4] base samples and {meta['pairs']} labelled pairs reused from {cache}", flush=True)
+        n_pairs = meta["pairs"]
+    else:
+        pipe = comp.pipeline()
+        print(f"[1/4] base model: sampling {len(prompts)} prompts x {s.eval_seeds} seeds", flush=True)
+        base_imgs = sample(pipe, eval_p, eval_seeds, s)
+        print(f"[2/4] labelling: {s.candidates} candidates x {len(train_prompts)} training prompts with the oracle",
+              flush=True)
+        cand_p = [p for p in train_prompts for _ in range(s.candidates)]
+        cand_imgs = sample(pipe, cand_p, list(range(len(cand_p))), s)
+        pairs = label_pairs(cand_imgs, cand_p, oracle(cand_imgs, cand_p), s.min_margin, np.random.default_rng(0))
+        if len(pairs) < s.batch_size:
+            raise RuntimeError(f"only {len(pairs)} preference pairs with margin >= {s.min_margin}; lower --min-margin")
+        cache.mkdir(parents=True, exist_ok=True)
+        write_pickapic_parquet(cache / "pairs.parquet", pairs)
+        _save_images(cache / "base_images.npz", base_imgs)
+        n_pairs = len(pairs)
+        (cache / "prepare.json").write_text(json.dumps({"settings": key, "pairs": n_pairs}))
+        print(f"      {n_pairs} pairs (Pick-a-Pic v2 schema) -> {cache / 'pairs.parquet'}", flush=True)
     return SimpleNamespace(comp=comp, prompts=prompts, train_prompts=train_prompts, eval_p=eval_p,
                            eval_seeds=eval_seeds, base_imgs=base_imgs, base_scores=oracle(base_imgs, eval_p),
-                           base_ok=[is_correct(i, p) for i, p in zip(base_imgs, eval_p)], pairs=len(pairs))
+                           base_ok=[is_correct(i, p) for i, p in zip(base_imgs, eval_p)], pairs=n_pairs,
+                           pairs_file=str(cache / "pairs.parquet"))
 
 
 def train_and_evaluate(s: DemoSettings, prep, cfg):
     """Train a fresh copy of the base model with ``cfg`` and score it on the evaluation prompts/seeds."""
     import copy
 
-    from mmalign.train.diffusion import run
-
     comp = copy.deepcopy(prep.comp)
     t0 = time.time()
-    result = run(cfg, components=comp, scorer=oracle)
+    result = run_diffusion(cfg, components=comp, scorer=oracle)
     train_s = time.time() - t0
     tuned_imgs = sample(comp.pipeline(result.recipe.unet), prep.eval_p, prep.eval_seeds, s)
     tuned_scores = oracle(tuned_imgs, prep.eval_p)
@@ -215,36 +235,52 @@ def train_and_evaluate(s: DemoSettings, prep, cfg):
     return SimpleNamespace(result=result, table=table, tuned_imgs=tuned_imgs, train_seconds=train_s)
 
 
-def run_demo(s: DemoSettings) -> dict:
-    from mmalign.utils import print_table
+def _pm(r: dict, k: str) -> str:
+    return f"{r[k]:.3f} ± {r[k + '_sd']:.3f}"
 
+
+def run_demo(s: DemoSettings) -> dict:
     t0 = time.time()
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(s, out)
-    print(f"[3/4] Diffusion-DPO: {s.steps} steps, beta {s.beta:g}, "
-          f"{'LoRA r=%d' % s.lora_rank if s.lora_rank else 'full UNet'}", flush=True)
     val_prompts = s.held_out[:3] + prep.train_prompts[:3]
-    cfg = demo_config(s, str(out / "pairs.parquet"), str(out / "train"), val_prompts)
-    print("[4/4] training, then the tuned model on the same prompts and seeds", flush=True)
-    te = train_and_evaluate(s, prep, cfg)
-    result, table = te.result, te.table
-    show = s.held_out[:3] + prep.train_prompts[:3]
-    grid_image(prep.base_imgs, te.tuned_imgs, prep.eval_p, s.eval_seeds, out / "grid.png", show)
-    base_val = [r for r in result.eval_history if r["step"] == 0 and "eval/reward" in r]
-    plot_curves(result.history, result.eval_history, out / "reward_curve.png",
-                base_val[0]["eval/reward"] if base_val else float("nan"))
+    runs, per_seed = [], []
+    for i, seed in enumerate(s.seeds):
+        si = dataclasses.replace(s, seed=seed)
+        print(f"[3/4] Diffusion-DPO, seed {seed} ({i + 1}/{len(s.seeds)}): {s.steps} steps, beta {s.beta:g}, "
+              f"{'LoRA r=%d' % s.lora_rank if s.lora_rank else 'full UNet'}", flush=True)
+        cfg = demo_config(si, prep.pairs_file, str(out / f"train-seed{seed}"), val_prompts)
+        te = train_and_evaluate(si, prep, cfg)
+        runs.append((seed, te.result.history, te.result.eval_history))
+        per_seed.append({"seed": seed, "table": te.table, "train_seconds": te.train_seconds})
+        if i == 0:
+            grid_image(prep.base_imgs, te.tuned_imgs, prep.eval_p, s.eval_seeds, out / "grid.png",
+                       s.held_out[:3] + prep.train_prompts[:3])
+        t = {r["split"]: r for r in te.table}
+        print(f"[4/4] seed {seed}: all prompts oracle {t['all prompts']['base_score']:.3f} -> "
+              f"{t['all prompts']['tuned_score']:.3f}, win rate {t['all prompts']['win_rate']:.3f}; held-out win rate "
+              f"{t['held-out prompts']['win_rate']:.3f}", flush=True)
+    summary = across_seeds([r["table"] for r in per_seed])
+    base_val = [r for r in runs[0][2] if r["step"] == 0 and "eval/reward" in r]
+    plot_curves(runs, out / "reward_curve.png", base_val[0]["eval/reward"] if base_val else float("nan"))
     wall = time.time() - t0
-    report = {"settings": asdict(s), "pairs": prep.pairs, "table": table, "wall_seconds": wall,
-              "train_seconds": te.train_seconds, "train_history": result.history,
-              "eval_history": result.eval_history}
+    report = {"settings": asdict(s), "pairs": prep.pairs, "summary": summary, "per_seed": per_seed,
+              "wall_seconds": wall, "train_histories": {str(sd): h for sd, h, _ in runs},
+              "eval_histories": {str(sd): e for sd, _, e in runs}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
-    print()
-    print_table(["prompts", "n", "oracle base", "oracle tuned", "accuracy base", "accuracy tuned", "win rate vs base"],
-                [[r["split"], r["n"], f"{r['base_score']:.3f}", f"{r['tuned_score']:.3f}",
-                  f"{r['base_accuracy']:.3f}", f"{r['tuned_accuracy']:.3f}", f"{r['win_rate']:.3f}"] for r in table])
+    print(f"\nbase vs tuned over {len(s.seeds)} training seed(s) {s.seeds} (tuned: mean ± sd over seeds):")
+    print_table(["prompts", "n", "oracle base", "oracle tuned", "accuracy base", "accuracy tuned",
+                 "win rate vs base", "worst seed win rate"],
+                [[r["split"], r["n"], f"{r['base_score']:.3f}", _pm(r, "tuned_score"), f"{r['base_accuracy']:.3f}",
+                  _pm(r, "tuned_accuracy"), _pm(r, "win_rate"), f"{r['win_rate_min']:.3f}"] for r in summary])
+    print_table(["seed", "held-out win rate", "all-prompts win rate", "oracle tuned (all)", "accuracy tuned (all)",
+                 "train s"],
+                [[p["seed"]] + [f"{x:.3f}" for x in (p["table"][0]["win_rate"], p["table"][2]["win_rate"],
+                                                    p["table"][2]["tuned_score"], p["table"][2]["tuned_accuracy"])]
+                 + [f"{p['train_seconds']:.0f}"] for p in per_seed])
     print(f"\nheld out of training: {', '.join(s.held_out)}")
-    print(f"grid: {out / 'grid.png'}   reward curve: {out / 'reward_curve.png'}   report: {out / 'report.json'}")
+    print(f"grid: {out / 'grid.png'}   reward curves: {out / 'reward_curve.png'}   report: {out / 'report.json'}")
     print(f"total {wall:.0f}s")
     return report

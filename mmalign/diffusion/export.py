@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from .families import Family
 from .models import Components
+from .users import UserAttnProcessor
 
 
 def save_lora(comp: Components, family: Family, denoiser, out: Path):
@@ -35,7 +36,6 @@ def save_full(comp: Components, denoiser, out: Path):
 
 def save_user_branch(denoiser, user_emb: dict, n_tokens: int, scale: float, out: Path):
     """PPD: the user branch weights and the user embeddings (``users.load_user_branch`` reads them back)."""
-    from .users import UserAttnProcessor
 
     state = {f"tokens.{k}": v for k, v in denoiser.user_tokens.state_dict().items()}
     for name, proc in denoiser.attn_processors.items():

@@ -97,7 +97,12 @@ def load_components(kind: str, name_or_path: str, vae: str | None = None, predic
     tokenizer*/, scheduler/). ``vae``: an alternative VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``).
     Text encoders get ``dtype``; the VAE too unless it is fp32-only by choice of the caller."""
     import diffusers
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5EncoderModel,
+    )
 
     _check_kind(kind)
     path = resolve(name_or_path)
@@ -153,10 +158,21 @@ def tiny_components(kind: str = "sd", seed: int = 0, prediction_type: str = "eps
                     **model_overrides) -> Components:
     """Random-weight components at test size, built from the real diffusers/transformers classes.
     ``sample_size`` is the latent size (images are 2x larger: the tiny VAE has 2 blocks)."""
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
-    from diffusers import UNet2DConditionModel
-    from transformers import (AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
-                              T5EncoderModel)
+    from diffusers import (
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     _check_kind(kind)
     torch.manual_seed(seed)

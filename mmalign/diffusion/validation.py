@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mmalign.data.images import list_images, read_images
+from mmalign.rewards import load_reward
 
 from .data import make_grid
 
@@ -24,7 +25,6 @@ def reward_scorer(section, device) -> Callable | None:
     """``validation.reward`` (a REWARDS name) as ``fn(images, prompts) -> list[float]``, or None."""
     if section.reward is None:
         return None
-    from mmalign.rewards import load_reward
 
     reward = load_reward(section.reward, model=section.reward_model, device=device, **section.reward_args)
     refs = read_images(list_images(section.references))[1] if section.references else None

@@ -5,8 +5,8 @@
 
 See ``LOSSES`` for the calling convention of each ``kind``.
 """
-from ._common import DIVERGENCES, LOSSES, f_score
 from . import listwise, pairwise, tokenwise, unpaired  # noqa: F401  (registers the losses)
+from ._common import DIVERGENCES, LOSSES, f_score
 from .pairwise import RunningMoments, mm_dpo_beta
 from .reduce import MetricSums, backward_loss
 from .tokenwise import activation_mask, ld_sequence_scores, token_kl

@@ -16,7 +16,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import as_float, check_pairwise, f_score, lengths_or_raise, log_ratios, pair_metrics, register
+from ._common import (
+    as_float,
+    check_pairwise,
+    f_score,
+    lengths_or_raise,
+    log_ratios,
+    pair_metrics,
+    register,
+)
 
 Tensor = torch.Tensor
 

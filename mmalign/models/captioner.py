@@ -20,6 +20,8 @@ import torch.nn as nn
 
 from mmalign.models.lm import TokenLogps, selective_log_softmax
 from mmalign.paths import ASSETS, resolve
+from mmalign.rewards.backbones import OpenClip, preprocess
+from mmalign.rewards.models import _tiny_open_clip
 
 Tensor = torch.Tensor
 TINY_TOKENIZER = ASSETS / "tokenizers" / "tiny-clip-bpe"
@@ -152,7 +154,6 @@ class ClipCapCaptioner(Captioner):
         from safetensors.torch import load_file
         from transformers import AutoTokenizer, GPT2LMHeadModel
 
-        from mmalign.rewards.backbones import OpenClip
 
         path = Path(resolve(str(path)))
         meta = json.loads((path / "captioner.json").read_text())
@@ -184,8 +185,6 @@ class BlipCaptioner(Captioner):
                    tuple(ip.image_std)).eval()
 
     def preprocess(self, images) -> Tensor:
-        from mmalign.rewards.backbones import preprocess
-
         return preprocess(images, self.size, self.mean, self.std, "crop").to(self.device)
 
     def encode(self, pixels: Tensor) -> Tensor:
@@ -226,7 +225,6 @@ def tiny_clipcap(clip_backbone=None, seed: int = 0, n_layer: int = 2, n_embd: in
     tiny open_clip model (pass the shipped toy CLIP for the demo world)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from mmalign.rewards.models import _tiny_open_clip
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
@@ -243,3 +241,13 @@ def load_captioner(name_or_path: str) -> Captioner:
     if (p / "captioner.json").exists():
         return ClipCapCaptioner.load(p)
     return BlipCaptioner.load(name_or_path)
+
+
+def caption_images(captioner, images, batch_size: int = 32, progress: bool = True) -> list[str]:
+    """Greedy captions for a list of PIL images, in batches, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    caps: list[str] = []
+    for lo in tqdm(range(0, len(images), batch_size), desc="captioning", dynamic_ncols=True, disable=not progress):
+        caps += captioner.caption(images[lo: lo + batch_size], batch_size=batch_size)
+    return caps

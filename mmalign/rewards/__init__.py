@@ -1,4 +1,11 @@
 """Bundled image reward models: ``REWARDS`` registry, ``load_reward``, and ``mmalign score``."""
-from .models import REWARDS, AestheticMLP, Reward, lambda_harmonic, load_reward, reward_table
+from .models import (
+    REWARDS,
+    AestheticMLP,
+    Reward,
+    lambda_harmonic,
+    load_reward,
+    reward_table,
+)
 
 __all__ = ["REWARDS", "Reward", "load_reward", "lambda_harmonic", "reward_table", "AestheticMLP"]

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmalign.paths import resolve
+from mmalign.rewards.models import _load_clip, _tiny_open_clip
 
 Tensor = torch.Tensor
 OPS = ("repeat", "remove", "insert", "swap", "shuffle")
@@ -82,8 +83,6 @@ class CaptionReward:
 
     @classmethod
     def from_config(cls, section, device=None):
-        from mmalign.rewards.models import _load_clip, _tiny_open_clip
-
         backbone = _tiny_open_clip() if section.tiny else _load_clip(section.model or "openai/clip-vit-base-patch32")
         head = None
         if section.model and (Path(resolve(section.model)) / "grammar_head.safetensors").exists():

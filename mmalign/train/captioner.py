@@ -13,11 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmalign.data.images import list_images, read_images
 from mmalign.models.captioner import load_captioner, tiny_blip, tiny_clipcap
+from mmalign.rewards.backbones import OpenClip
 from mmalign.rewards.caption import CaptionReward
+from mmalign.worlds import get_world
 
-from .configs import CaptionerConfig
-from .loop import StepOutput, eval_summary, example_generator, make_accelerator, train
+from .loop import StepOutput, example_generator
+from .recipe import RecipeBase, run_recipe
+from .sections import CaptionerConfig
 
 Tensor = torch.Tensor
 TEMPLATE = re.compile(r"^an? [a-z]+ [a-z]+$")
@@ -36,18 +40,14 @@ class ImageBatch:
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Training images: a folder/glob, or ``n`` rendered shapes-world scenes (with their true content)."""
+    """Training images: a folder/glob, or ``n`` renders of a plug-in world (``mmalign.worlds``)."""
 
-    def __init__(self, images: str | None = None, shapes_world: int = 0, seed: int = 0):
-        self.scenes = None
-        if shapes_world:
-            from mmalign.demo.world import make_dataset
-
-            data = make_dataset(shapes_world, seed=seed)
-            self.images, self.scenes = [d[0] for d in data], [d[2] for d in data]
+    def __init__(self, images: str | None = None, world_images: int = 0, seed: int = 0, world: str = "shapes"):
+        self.world = None
+        if world_images:
+            self.world = get_world(world)
+            self.images = [im for im, _ in self.world.sample(world_images, seed)]
         else:
-            from mmalign.data.images import list_images, read_images
-
             _, self.images, bad = read_images(list_images(images))
             if not self.images:
                 raise ValueError(f"no readable images at {images!r}")
@@ -62,22 +62,7 @@ class ImageSet(torch.utils.data.Dataset):
         return ImageBatch([self.images[i] for i in idx], torch.tensor(idx))
 
 
-def content_accuracy(images, captions) -> float:
-    """Shapes world: the caption names the image's measured colour and shape."""
-    from mmalign.demo.world import analyse, parse_prompt
-
-    ok = 0
-    for im, c in zip(images, captions):
-        try:
-            col, shp = parse_prompt(c)
-        except ValueError:
-            continue
-        a = analyse(im)
-        ok += a["color"] == col and a["shape"] == shp
-    return ok / max(1, len(captions))
-
-
-class CaptionerRecipe:
+class CaptionerRecipe(RecipeBase):
     def __init__(self, cfg: CaptionerConfig, accelerator, captioner=None):
         self.cfg, self.acc = cfg, accelerator
         m = cfg.model
@@ -89,20 +74,19 @@ class CaptionerRecipe:
                     captioner = tiny_blip(**t)
                 else:
                     clip = t.pop("clip", None)
-                    from mmalign.rewards.backbones import OpenClip
 
                     captioner = tiny_clipcap(OpenClip.load(clip) if clip else None, **t)
                     captioner.clip_path = clip
             else:
                 captioner = load_captioner(m.name_or_path)
         self.captioner = captioner.to(accelerator.device).train()
-        self.model = self.captioner
+        self.policy = self.model = self.captioner
         self.reward = CaptionReward.from_config(cfg.reward, accelerator.device)
         d = cfg.data
-        self.train_data = ImageSet(d.images, d.shapes_world, d.seed)
-        self.eval_data = (ImageSet(d.eval_images, d.eval_shapes_world, d.seed + 1)
-                          if d.eval_images or d.eval_shapes_world else None)
-        self.ema = None
+        self.train_data = ImageSet(d.images, d.world_images, d.seed, d.world)
+        self.eval_data = (ImageSet(d.eval_images, d.eval_world_images, d.seed + 1, d.world)
+                          if d.eval_images or d.eval_world_images else None)
+        self.baseline_ema = None  # rl.baseline=ema: running mean reward
         self.loss_fn, self.hp = cfg.loss.fn, dict(cfg.loss.params)
 
     def describe(self) -> str:
@@ -112,23 +96,11 @@ class CaptionerRecipe:
         return (f"captioner/{type(self.captioner).__name__} ({n / 1e6:.2f}M trainable) | reward {rw} | "
                 f"{self.cfg.rl.samples} samples, {self.cfg.rl.baseline} baseline | {len(self.train_data)} images")
 
-    def trainable_parameters(self):
-        return [p for p in self.captioner.parameters() if p.requires_grad]
-
-    def trainable_state(self):
-        return {k: p.detach() for k, p in self.captioner.named_parameters() if p.requires_grad}
-
-    def load_trainable_state(self, state):
-        params = dict(self.captioner.named_parameters())
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
-
     def extra_state(self):
-        return {"ema": self.ema} if self.ema is not None else {}
+        return {"baseline_ema": self.baseline_ema} if self.baseline_ema is not None else {}
 
-    def load_extra_state(self, d):
-        self.ema = d.get("ema", self.ema)
+    def load_extra_state(self, state):
+        self.baseline_ema = state.get("baseline_ema", self.baseline_ema)
 
     def compute(self, batch: ImageBatch, step: int = 0, split: str = "train") -> StepOutput:
         rl, cap = self.cfg.rl, self.captioner
@@ -153,8 +125,9 @@ class CaptionerRecipe:
                 base = (r.sum(1, keepdim=True) - r) / max(1, k - 1)
             else:
                 mean = float(r.mean())
-                self.ema = mean if self.ema is None else rl.ema_momentum * self.ema + (1 - rl.ema_momentum) * mean
-                base = torch.full_like(r, self.ema)
+                self.baseline_ema = mean if self.baseline_ema is None else \
+                    rl.ema_momentum * self.baseline_ema + (1 - rl.ema_momentum) * mean
+                base = torch.full_like(r, self.baseline_ema)
             adv = (r - base).to(self.acc.device)
         lp = cap.sequence_logps(cap.repeat_context(ctx, k), ids, mask).sum().view(len(batch), k)
         loss, m = self.loss_fn(lp, adv, **self.hp)
@@ -172,16 +145,16 @@ class CaptionerRecipe:
         caps = self.captioner.caption(images)
         self.captioner.train(was)
         out = {"reward": float(self.reward(images, caps).mean()),
-               "fluency": float(np.mean([bool(TEMPLATE.match(c)) for c in caps])) if self.eval_data.scenes else
+               "fluency": float(np.mean([bool(TEMPLATE.match(c)) for c in caps])) if self.eval_data.world else
                float("nan")}
         rr = CaptionReward(self.reward.backbone, kind="retrieval")
         out["retrieval_acc"] = retrieval_accuracy(rr, images, caps)
-        if self.eval_data.scenes is not None:
-            out["content_accuracy"] = content_accuracy(images, caps)
+        if self.eval_data.world is not None:
+            out["content_accuracy"] = self.eval_data.world.caption_accuracy(images, caps)
         self.last_captions = caps
         return out
 
-    def export(self, out_dir):
+    def export(self, out_dir, card: dict | None = None):
         if self.acc.is_main_process and hasattr(self.captioner, "save"):
             if getattr(self.captioner, "clip_path", "") is None:
                 return
@@ -202,15 +175,4 @@ def retrieval_accuracy(reward: CaptionReward, images, captions, pool: int = 32) 
 
 
 def run(cfg: CaptionerConfig, accelerator=None, captioner=None):
-    from accelerate.utils import set_seed
-
-    from mmalign.config import to_dict
-
-    acc = accelerator or make_accelerator(cfg.train)
-    set_seed(cfg.train.seed)
-    recipe = CaptionerRecipe(cfg, acc, captioner)
-    result = train(recipe, cfg.train, acc, config=to_dict(cfg))
-    recipe.export(f"{cfg.train.output_dir}/final")
-    eval_summary(result, acc)
-    result.recipe = recipe
-    return result
+    return run_recipe(CaptionerRecipe, cfg, accelerator, captioner=captioner)

@@ -9,25 +9,31 @@ posterior sample) -- all shared by winner and loser -- and the loss core gets ``
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from mmalign.config import to_dict
 from mmalign.diffusion import export as exporter
 from mmalign.diffusion.cache import CachedPairs, build_cache
 from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
 from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
+from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.models import Components, load_components, tiny_components
-from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
+from mmalign.diffusion.users import (
+    ClipPreferenceEncoder,
+    add_user_branch,
+    embed_users,
+    user_branch,
+)
 from mmalign.diffusion.validation import Validator, reward_scorer, sample_images
-from mmalign.losses import MetricSums, RunningMoments
+from mmalign.losses import RunningMoments
 from mmalign.models.reference import Reference, resolve_kind
+from mmalign.rewards import load_reward
 
-from .configs import DiffusionConfig
-from .loop import StepOutput, eval_summary, make_accelerator, train
+from .loop import StepOutput
+from .recipe import RecipeBase, run_recipe
+from .sections import DiffusionConfig
 
 Tensor = torch.Tensor
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,8 +76,10 @@ def set_attention(model, backend: str, unet: bool):
         model.set_attn_processor(AttnProcessor2_0())
 
 
-class DiffusionRecipe:
-    def __init__(self, cfg: DiffusionConfig, accelerator, components: Components | None = None):
+class DiffusionRecipe(RecipeBase):
+    eval_mode = False  # see RecipeBase.eval_mode
+
+    def __init__(self, cfg: DiffusionConfig, accelerator, components: Components | None = None, scorer=None):
         self.cfg, self.acc = cfg, accelerator
         self.loss_fn, self.hp = cfg.loss.fn, dict(cfg.loss.params)
         self.beta = float(self.hp.pop("beta", 5000.0))
@@ -109,8 +117,9 @@ class DiffusionRecipe:
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.to(dev)
-        self.unet = unet  # unwrapped handle (the UNet or flow transformer)
-        self.model = torch.compile(unet) if cfg.model.compile else unet
+        self.unet = self.policy = unet  # unwrapped handle (the UNet or flow transformer)
+        self.compiled = torch.compile(unet) if cfg.model.compile else None
+        self.model = self.compiled or unet
         self.pipe = comp.pipeline(unet)
         self.inputs = PairInputs(self.family, self.pipe, comp.vae, cfg.data, cfg.train.seed, dev, self.dtype,
                                  ppd_user_tokens(self.user_emb, unet) if cfg.ppd is not None else None)
@@ -136,7 +145,7 @@ class DiffusionRecipe:
         if d.label_mode == "soft" and "label_smoothing" in self.hp:
             raise ValueError("data.label_mode=soft sets label_smoothing per pair; remove loss.label_smoothing")
         self.validator = Validator(cfg.validation, d.resolution, cfg.train.output_dir, self.sample, self.export,
-                                   reward_scorer(cfg.validation, accelerator.device))
+                                   scorer or reward_scorer(cfg.validation, accelerator.device))
         if self.ref_kind == "precomputed":
             self.reference.store("train", {"mse": self.precompute(self.train_data, "train", d.noise_draws)})
             if self.eval_data is not None:
@@ -165,7 +174,6 @@ class DiffusionRecipe:
 
     def _setup_ppd(self, unet):
         """Embed every user from their first examples, then add the user branch to the UNet."""
-        from mmalign.rewards import load_reward
 
         p, d = self.cfg.ppd, self.cfg.data
         enc = ClipPreferenceEncoder(load_reward(p.encoder, model=p.encoder_model, device=self.acc.device,
@@ -202,50 +210,6 @@ class DiffusionRecipe:
                 f"({t / 1e6:.3f}M trainable{', LoRA' if self.cfg.model.lora else ''}) | reference {self.ref_kind} | "
                 f"beta {self.beta:g} | {self.train_data.describe()}")
 
-    def trainable_parameters(self):
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def trainable_state(self) -> dict[str, Tensor]:
-        named = [(k, p) for k, p in self.unet.named_parameters() if p.requires_grad]
-        state = {k: p.detach() for k, p in named}
-        if self.ema is not None:
-            state.update({f"ema/{k}": s for (k, _), s in zip(named, self.ema.shadow_params)})
-        return state
-
-    def load_trainable_state(self, state: dict[str, Tensor]):
-        named = [(k, p) for k, p in self.unet.named_parameters() if p.requires_grad]
-        missing = [k for k, _ in named if k not in state]
-        if missing:
-            raise KeyError(f"checkpoint lacks trainable weights {missing[:5]}")
-        with torch.no_grad():
-            for k, p in named:
-                p.copy_(state[k])
-            if self.ema is not None:
-                for (k, _), s in zip(named, self.ema.shadow_params):
-                    s.copy_(state[f"ema/{k}"])
-
-    def extra_state(self) -> dict:
-        out = {}
-        if self.running:
-            out["running"] = self.running.state_dict()
-        if self.ema is not None:
-            out["ema_step"] = self.ema.optimization_step
-        return out
-
-    def load_extra_state(self, d: dict):
-        if self.running and "running" in d:
-            self.running.load_state_dict(d["running"])
-        if self.ema is not None and "ema_step" in d:
-            self.ema.optimization_step = d["ema_step"]
-
-    def on_step_end(self, step: int, applied: bool = True):
-        if self.ema is not None and applied:
-            self.ema.step(self.trainable_parameters())
-        if self.running is not None:  # BCO: this step's rewards, all micro-batches and processes, at once
-            red = (lambda t: self.acc.reduce(t.to(self.acc.device), reduction="sum").cpu()) \
-                if self.acc.num_processes > 1 else None
-            self.running.commit(red) if applied else self.running.discard()
-
     # ------------------------------------------------------------------ inputs and scores
 
     def _ref_mse(self, x0, noise, t, cond, xt=None) -> Tensor:
@@ -254,7 +218,6 @@ class DiffusionRecipe:
 
     def _invert(self, x0, t, cond, gens) -> tuple[Tensor, Tensor]:
         """DDIM-InPO: (x_t, eps_hat) for the 2B samples by inverting with the current policy (no grad)."""
-        from mmalign.diffusion.inversion import ddim_invert
 
         inv = self.cfg.inversion
         x = torch.cat([x0[:, 0], x0[:, 1]])
@@ -318,22 +281,7 @@ class DiffusionRecipe:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        out = {}
-        if self.eval_data is not None:
-            sums = MetricSums()
-            rows = list(range(self.acc.process_index, len(self.eval_data), self.acc.num_processes))
-            bs = self.cfg.train.batch_size
-            for lo in range(0, len(rows), bs):
-                batch = self.eval_data.collate([self.eval_data[i] for i in rows[lo: lo + bs]])
-                if len(batch) == 0:
-                    continue
-                batch.to(self.acc.device)
-                with self.acc.autocast():
-                    o = self.compute(batch, step, split="eval")
-                sums.add(o.metrics, o.loss)
-            red = (lambda t: self.acc.reduce(t.to(self.acc.device), reduction="sum").cpu()) \
-                if self.acc.num_processes > 1 else None
-            out.update(sums.means(red))
+        out = self.evaluate_pairs(self.eval_data, step)
         if self.validator.enabled and self.acc.is_main_process:
             out.update(self.validator.run(step, self.acc.trackers))
         return out
@@ -345,19 +293,5 @@ class DiffusionRecipe:
 
 
 def run(cfg: DiffusionConfig, accelerator=None, components: Components | None = None, scorer=None):
-    from accelerate.utils import set_seed
-
-    acc = accelerator or make_accelerator(cfg.train)
-    set_seed(cfg.train.seed)
-    recipe = DiffusionRecipe(cfg, acc, components)
-    if scorer is not None:  # else keep the one validation.reward configured
-        recipe.scorer = scorer
-    result = train(recipe, cfg.train, acc, config=to_dict(cfg))
-    final = eval_summary(result, acc)
-    recipe.export(Path(cfg.train.output_dir) / "final", card=final)
-    if acc.is_main_process:
-        with open(Path(cfg.train.output_dir) / "final" / "summary.json", "w") as f:
-            json.dump({"step": result.step, "eval": result.eval_history, "skipped_steps": result.skipped_steps}, f)
-    result.recipe = recipe
-    return result
-
+    """Train, export ``final`` (+ summary.json); ``scorer(images, prompts)`` replaces validation.reward."""
+    return run_recipe(DiffusionRecipe, cfg, accelerator, summary=True, components=components, scorer=scorer)

@@ -5,21 +5,28 @@ branches on a loss *name*. The same scoring code serves VLMs and captioners (``m
 """
 from __future__ import annotations
 
-
 import torch
 
-from mmalign.data.text import BinaryBatch, ListBatch, NegativesBatch, PairBatch, TextPreferenceData, format_for_loss
-from mmalign.losses import MetricSums, RunningMoments, activation_mask, kto_kl, token_kl
+from mmalign.data.text import (
+    BinaryBatch,
+    ListBatch,
+    NegativesBatch,
+    PairBatch,
+    TextPreferenceData,
+    format_for_loss,
+)
+from mmalign.losses import LOSSES, RunningMoments, activation_mask, kto_kl, token_kl
 from mmalign.models.lm import TokenLogps, build_causal_lm, completion_logps
 from mmalign.models.reference import Reference, resolve_kind
 
-from .configs import LMConfig
-from .loop import StepOutput, eval_summary, make_accelerator, train
+from .loop import StepOutput
+from .recipe import RecipeBase, run_recipe
+from .sections import LMConfig
 
 Tensor = torch.Tensor
 
 
-class LMRecipe:
+class LMRecipe(RecipeBase):
     def __init__(self, cfg: LMConfig, accelerator, model=None, tokenizer=None):
         self.cfg, self.acc = cfg, accelerator
         self.loss_fn, self.hp = cfg.loss.fn, dict(cfg.loss.params)
@@ -60,32 +67,6 @@ class LMRecipe:
         return (f"lm/{self.cfg.loss.name} | {type(self.policy).__name__} {n / 1e6:.2f}M params "
                 f"({t / 1e6:.3f}M trainable) | reference {self.reference.kind} | {len(self.train_data)} rows")
 
-    def trainable_parameters(self):
-        return [p for p in self.policy.parameters() if p.requires_grad]
-
-    def trainable_state(self) -> dict[str, Tensor]:
-        return {k: p.detach() for k, p in self.policy.named_parameters() if p.requires_grad}
-
-    def load_trainable_state(self, state: dict[str, Tensor]):
-        params = dict(self.policy.named_parameters())
-        missing = [k for k, p in params.items() if p.requires_grad and k not in state]
-        if missing:
-            raise KeyError(f"checkpoint lacks trainable weights {missing[:5]}")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
-
-    def extra_state(self) -> dict:
-        return {"running": self.running.state_dict()} if self.running else {}
-
-    def load_extra_state(self, d: dict):
-        if self.running and "running" in d:
-            self.running.load_state_dict(d["running"])
-
-    def _reduce_sum(self):
-        acc = self.acc
-        return (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
-
     def begin_step(self, micro_batches: list):
         """KTO: the reference point z0 from mismatched pairs over *all* rows of this optimiser step (every
         micro-batch; averaged over processes), so accumulation does not change it."""
@@ -109,11 +90,6 @@ class LMRecipe:
                     ref.append(self._logps(r, sub).sum())
         gather = self.acc.gather if self.acc.num_processes > 1 else None
         self.step_kl = kto_kl(torch.cat(pol), torch.cat(ref), gather=gather)
-
-    def on_step_end(self, step: int, applied: bool = True):
-        """BCO: fold this step's staged rewards (all micro-batches and processes) into the running mean."""
-        if self.running is not None:
-            self.running.commit(self._reduce_sum()) if applied else self.running.discard()
 
     # ------------------------------------------------------------------ scoring
 
@@ -198,7 +174,6 @@ class LMRecipe:
             m_c, m_r = pol.mask.chunk(2)
             if ref_tab is not None:  # precomputed LD-DPO: reference already reduced
                 pc, pr = fn.sequence_scores(t_c, t_r, m_c, m_r, hp.get("alpha", 0.5))
-                from mmalign.losses import LOSSES
 
                 loss, m = LOSSES["dpo"](pc, pr, ref_tab["chosen"], ref_tab["rejected"], beta=hp.get("beta", 0.1),
                                         label_smoothing=hp.get("label_smoothing", 0.0))
@@ -248,44 +223,13 @@ class LMRecipe:
             out["chosen_kl"], out["rejected_kl"] = k.chunk(2)
         return out
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ evaluation and export
 
-    @torch.no_grad()
-    def evaluate(self, step: int, data: TextPreferenceData | None = None, split: str = "eval") -> dict:
-        data = data or self.eval_data
-        if data is None:
-            return {}
-        was = self.model.training
-        self.model.eval()
-        sums = MetricSums()
-        rows = list(range(self.acc.process_index, len(data), self.acc.num_processes))
-        bs = self.cfg.train.batch_size
-        for lo in range(0, len(rows), bs):
-            batch = data.collate([data[i] for i in rows[lo: lo + bs]])
-            batch.to(self.acc.device)
-            with self.acc.autocast():
-                out = self.compute(batch, step, split=split)
-            sums.add(out.metrics, out.loss)
-        self.model.train(was)
-        red = (lambda t: self.acc.reduce(t.to(self.acc.device), reduction="sum").cpu()) \
-            if self.acc.num_processes > 1 else None
-        return sums.means(red)
-
-    def export(self, out_dir):
+    def export(self, out_dir, card: dict | None = None):
         if self.acc.is_main_process:
             self.policy.save_pretrained(out_dir)
             self.tokenizer.save_pretrained(out_dir)
 
 
 def run(cfg: LMConfig, accelerator=None):
-    from accelerate.utils import set_seed
-
-    from mmalign.config import to_dict
-
-    acc = accelerator or make_accelerator(cfg.train)
-    set_seed(cfg.train.seed)
-    recipe = LMRecipe(cfg, acc)
-    result = train(recipe, cfg.train, acc, config=to_dict(cfg))
-    recipe.export(f"{cfg.train.output_dir}/final")
-    eval_summary(result, acc)
-    return result
+    return run_recipe(LMRecipe, cfg, accelerator)

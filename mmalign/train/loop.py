@@ -1,8 +1,9 @@
 """The one training loop every recipe uses (accelerate underneath: DDP / FSDP / DeepSpeed).
 
-A recipe supplies the model, the data and ``compute(batch) -> StepOutput`` (per-example loss and
-metrics); this loop owns accumulation, the shared reduction, mixed precision, gradient clipping,
-non-finite handling, logging, evaluation, checkpoints and resume.
+A recipe (the ``Recipe`` protocol of ``mmalign.train.recipe``) supplies the model, the data and
+``compute(batch) -> StepOutput`` (per-example loss and metrics); this loop owns accumulation, the shared
+reduction, mixed precision, gradient clipping, non-finite handling, logging, evaluation, checkpoints and
+resume.
 
 Determinism contract: the data order depends only on (seed, global batch), and recipes draw
 per-example randomness from ``example_generator(seed, step, row)``, so an interrupted-and-resumed
@@ -23,10 +24,13 @@ from typing import Callable
 import torch
 
 from mmalign.losses import MetricSums, backward_loss
-from mmalign.utils import example_generator  # noqa: F401  (re-exported: recipes key their draws by it)
+from mmalign.utils import (
+    example_generator,  # noqa: F401  (re-exported: recipes key their draws by it)
+    print_table,
+)
 
 from . import checkpoint as ckpt
-from .configs import TrainSection
+from .sections import TrainSection
 
 Tensor = torch.Tensor
 
@@ -185,17 +189,21 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     if acc.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
         raise ValueError("under DeepSpeed the engine steps inside backward(): use train.grad_accum=1 and set "
                          "gradient_accumulation_steps in the DeepSpeed config instead")
-    loss_fn = getattr(recipe, "loss_fn", None)
-    if getattr(loss_fn, "batch_dependent", False) and world > 1:
+    loss_fn = recipe.loss_fn
+    if loss_fn is not None and loss_fn.batch_dependent and world > 1:
         warnings.warn(f"loss {loss_fn.registry_name!r} is batch-dependent: each of the {world} processes sorts its "
                       "own shard, so the result differs from one process at the same global batch (as in TRL)")
     optimizer = build_optimizer(recipe.trainable_parameters(), cfg, lr)
     scheduler = build_scheduler(optimizer, cfg)
-    recipe.model, optimizer = acc.prepare(recipe.model, optimizer)
+    model, optimizer = acc.prepare(recipe.trainable_module(), optimizer)
+    recipe.bind(model)
 
     step, skipped, skipped_rows = 0, 0, 0
-    if cfg.resume:
-        path = ckpt.resolve_checkpoint(cfg.output_dir, cfg.resume)
+    resume = cfg.resume
+    if resume == "auto":
+        resume = "latest" if (ckpt.checkpoint_dir(cfg.output_dir) / "latest").exists() else None
+    if resume:
+        path = ckpt.resolve_checkpoint(cfg.output_dir, resume)
         loaded = ckpt.load_checkpoint(path, rank)
         if loaded.get("engine_dir"):
             acc.load_state(loaded["engine_dir"])
@@ -223,7 +231,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     metrics_file = out_dir / "metrics.jsonl"
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume and metrics_file.exists():
+        if not resume and metrics_file.exists():
             metrics_file.unlink()  # a fresh run starts a fresh log; a resumed one appends
     result = TrainResult(step=step, output_dir=str(out_dir), skipped_steps=skipped)
 
@@ -248,8 +256,6 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
         return path
 
     def evaluate(at_step: int):
-        if not hasattr(recipe, "evaluate"):
-            return
         m = recipe.evaluate(at_step)
         if m:
             rec = {"step": at_step, **{f"eval/{k}": v for k, v in m.items()}}
@@ -273,9 +279,8 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                 n_global = float(reduce_sum(torch.tensor([float(sum(len(b) for b in micro))]))[0])
                 empty_step = n_global == 0  # every row unreadable: the step is skipped, not the run
                 n_global = max(n_global, 1.0)
-                recipe.model.train()
-                if hasattr(recipe, "begin_step"):  # step-level state (KTO's KL point) from all micro-batches
-                    recipe.begin_step([b.to(acc.device) for b in micro if len(b)])
+                model.train()
+                recipe.begin_step([b.to(acc.device) for b in micro if len(b)])  # step-level state, e.g. KTO's z0
                 bad_local = False
                 step_sums = MetricSums()
                 for i, batch in enumerate(micro):
@@ -284,7 +289,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                     skipped_rows += getattr(batch, "skipped", 0)
                     if len(batch) == 0:  # every row unreadable (reported by the dataset): contributes nothing
                         continue
-                    with (contextlib.nullcontext() if sync else acc.no_sync(recipe.model)):
+                    with (contextlib.nullcontext() if sync else acc.no_sync(model)):
                         with acc.autocast():
                             out = recipe.compute(batch, step)
                         finite = torch.isfinite(out.loss.detach())
@@ -301,7 +306,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                     step_sums.add(out.metrics, out.loss)
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
-                    grad_norm = acc.clip_grad_norm_(recipe.model.parameters(), cfg.max_grad_norm)
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 bad = bool(reduce_sum(torch.tensor([float(bad_local)]))[0] > 0) or empty_step
                 if grad_norm is not None and not math.isfinite(float(grad_norm)):
                     if cfg.nan_policy == "error":
@@ -329,8 +334,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                 for k in step_sums.sums:
                     window.sums[k] += step_sums.sums[k]
                     window.counts[k] += step_sums.counts[k]
-                if hasattr(recipe, "on_step_end"):
-                    recipe.on_step_end(step, applied=not bad)
+                recipe.on_step_end(step, applied=not bad)
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -352,7 +356,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                     t0 = time.time()
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                     evaluate(step)
-                    stop = torch.tensor([float(getattr(recipe, "stop", False))])
+                    stop = torch.tensor([float(recipe.stop)])
                     if float(reduce_sum(stop)[0]) > 0:  # early stopping decided by the recipe (any rank)
                         break
                 if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
@@ -379,8 +383,6 @@ def eval_summary(result: TrainResult, accelerator=None) -> dict[str, float]:
     keys = [k for k in sorted(first) if k != "step" and isinstance(first[k], float) and not math.isnan(first[k])
             and k in last]
     if accelerator is None or accelerator.is_main_process:
-        from mmalign.utils import print_table
-
         print_table(["metric", f"step {first['step']}", f"step {last['step']}"],
                     [[k.removeprefix("eval/"), f"{first[k]:.4f}", f"{last[k]:.4f}"] for k in keys])
     return {k.removeprefix("eval/"): round(last[k], 4) for k in keys}

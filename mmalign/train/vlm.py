@@ -7,19 +7,26 @@ a judge, pair best vs worst (reward margin kept for ``mm_dpo``), train ``steps_p
 """
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
 
-import numpy as np
 import torch
+from accelerate.utils import set_seed
 
+from mmalign.config import to_dict
+from mmalign.data.images import open_image
+from mmalign.data.records import load_table
 from mmalign.models.lm import add_lora, set_dropout
+from mmalign.rewards import load_reward
 from mmalign.vl.data import VisionPreferenceData
 from mmalign.vl.models import generate, load_vlm, tiny_vlm
+from mmalign.worlds import get_world
 
-from .configs import VLMConfig
 from .lm import LMRecipe
-from .loop import eval_summary, make_accelerator, train
+from .loop import make_accelerator
+from .online import best_worst_pairs, run_rounds
+from .recipe import run_recipe
+from .sections import VLMConfig
 
 
 class VLMRecipe(LMRecipe):
@@ -52,12 +59,11 @@ class VLMRecipe(LMRecipe):
                                    d.max_eval_examples, d.image_column, d.allow_outside_root) if d.eval else None)
         return train_, ev
 
-    def evaluate(self, step: int, data=None, split: str = "eval") -> dict:
-        out = super().evaluate(step, data, split)
-        if self.cfg.eval_qa and data is None and self.acc.is_main_process:
-            from mmalign.demo.qa import evaluate_qa
-
-            qa = evaluate_qa(self.acc.unwrap_model(self.policy), self.processor, self.cfg.eval_qa)
+    def evaluate(self, step: int) -> dict:
+        out = self.evaluate_pairs(self.eval_data, step)
+        if self.cfg.eval_qa and self.acc.is_main_process:
+            qa = get_world(self.cfg.world).evaluate_vlm(self.acc.unwrap_model(self.policy), self.processor,
+                                                        self.cfg.eval_qa)
             self.last_answers = qa.pop("examples")
             out.update(qa)
         return out
@@ -70,107 +76,51 @@ class VLMRecipe(LMRecipe):
                 f"({t / 1e6:.3f}M trainable) | reference {self.reference.kind} | {rows} pairs")
 
 
-def online_prompts(cfg: VLMConfig):
-    """(prompts, images, question kinds) for on-policy sampling."""
+def online_setup(cfg: VLMConfig, recipe: VLMRecipe, device):
+    """Prompts, contexts (image, question kind) and the judge for on-policy rounds."""
     o = cfg.online
-    if o.shapes_world:
-        from mmalign.demo.qa import QUESTIONS
-        from mmalign.demo.world import make_dataset
+    if o.world_images:
+        rows = get_world(cfg.world).qa_rows(o.world_images, seed=cfg.train.seed + 7)
+        prompts, contexts = [r["prompt"] for r in rows], [(r["image"], r["kind"]) for r in rows]
+    else:
+        t = load_table(o.prompts)
+        prompts, contexts = list(t["prompt"]), [(open_image(x), None) for x in t["image"]]
+    if o.judge == "world":
+        w = get_world(cfg.world)
+        judge = lambda p, ctx, y: w.judge(ctx[0], ctx[1], y)  # noqa: E731
+    else:
+        rw = load_reward(o.judge, device=device)
+        judge = lambda p, ctx, y: float(rw.score([ctx[0]], [y])[0])  # noqa: E731
 
-        data = make_dataset(o.shapes_world, seed=cfg.train.seed + 7)
-        rows = [(q, im, kind) for im, _, _ in data for kind, q in QUESTIONS.items()]
-        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-    from mmalign.data.records import load_table
-    from mmalign.data.images import open_image
+    def sample(ps, ctxs, k, seed):
+        return [generate(recipe.policy, recipe.processor, [p] * k, [c[0]] * k, o.max_new_tokens, do_sample=True,
+                         temperature=o.temperature, generator_seed=seed + 10 * i) for i, (p, c) in enumerate(zip(ps, ctxs))]
 
-    t = load_table(o.prompts)
-    return list(t["prompt"]), [open_image(x) for x in t["image"]], [None] * len(t)
-
-
-def make_judge(cfg: VLMConfig, device):
-    o = cfg.online
-    if o.judge == "shapes-qa":
-        from mmalign.demo.qa import judge
-
-        return lambda im, kind, text: judge(im, kind or "describe", text)["score"]
-    from mmalign.rewards import load_reward
-
-    rw = load_reward(o.judge, device=device)
-    return lambda im, kind, text: float(rw.score([im], [text])[0])
+    return prompts, contexts, judge, sample
 
 
-def online_pairs(recipe: VLMRecipe, cfg: VLMConfig, round_: int, judge) -> list[dict]:
-    """Sample ``samples`` answers per prompt with the current policy; pair the best with the worst."""
-    import io
+def _image_rows(rows: list[dict], path: Path):
+    """Round rows with their image (the context) stored as PNG bytes, in the vision-pairs schema."""
+    import datasets
 
-    o = cfg.online
-    prompts, images, kinds = online_prompts(cfg)
-    model = recipe.policy
-    model.eval()
-    rows = []
-    for p, im, kind in zip(prompts, images, kinds):
-        answers = generate(model, recipe.processor, [p] * o.samples, [im] * o.samples, o.max_new_tokens,
-                           do_sample=True, temperature=o.temperature,
-                           generator_seed=cfg.train.seed * 1000 + round_ * 100_000 + len(rows) * 10)
-        scores = [judge(im, kind, a) for a in answers]
-        hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
-        if scores[hi] > scores[lo] and answers[hi].strip() and answers[lo].strip():
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            rows.append({"prompt": p, "image": buf.getvalue(), "chosen": answers[hi], "rejected": answers[lo],
-                         "reward_margin": scores[hi] - scores[lo]})
-    model.train()
-    return rows
+    out = []
+    for r in rows:
+        buf = io.BytesIO()
+        r.pop("context")[0].save(buf, format="PNG")
+        out.append({**r, "image": buf.getvalue()})
+    datasets.Dataset.from_list(out).to_parquet(str(path))
 
 
 def run(cfg: VLMConfig, accelerator=None):
-    from accelerate.utils import set_seed
-
-    from mmalign.config import to_dict
-
+    if cfg.online is None:
+        return run_recipe(VLMRecipe, cfg, accelerator)
     acc = accelerator or make_accelerator(cfg.train)
     set_seed(cfg.train.seed)
     recipe = VLMRecipe(cfg, acc)
-    if cfg.online is None:
-        result = train(recipe, cfg.train, acc, config=to_dict(cfg))
-    else:
-        import dataclasses
-
-        import datasets
-
-        judge = make_judge(cfg, acc.device)
-        out = Path(cfg.train.output_dir)
-        result, log, evals, done = None, [], [], 0
-        if cfg.train.eval_every:
-            evals.append({"step": 0, **{f"eval/{k}": v for k, v in recipe.evaluate(0).items()}})
-        for r in range(cfg.online.rounds):
-            rows = online_pairs(recipe, cfg, r, judge)
-            if len(rows) < cfg.train.batch_size:
-                if result is None:
-                    raise RuntimeError(
-                        f"online round 0: only {len(rows)} informative pairs (the judge scored all sampled answers "
-                        f"of a prompt equally); need at least train.batch_size={cfg.train.batch_size}. Raise "
-                        "online.samples / online.temperature or start from a model that answers the questions.")
-                print(f"online round {r}: only {len(rows)} informative pairs; stopping")
-                break
-            path = out / f"online_round{r}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            datasets.Dataset.from_list(rows).to_parquet(str(path))
-            recipe.train_data = VisionPreferenceData(str(path), recipe.processor, cfg.data.max_length,
-                                                     cfg.data.max_prompt_length, image_column="image")
-            recipe.model = recipe.policy
-            tc = dataclasses.replace(cfg.train, max_steps=cfg.online.steps_per_round,
-                                     output_dir=str(out / f"round{r}"), eval_every=0)
-            result = train(recipe, tc, acc, config=to_dict(cfg))
-            done += result.step
-            log.append({"round": r, "pairs": len(rows), "mean_margin": float(np.mean([x["reward_margin"] for x in rows]))})
-            print(f"online round {r}: {len(rows)} pairs, mean judge margin {log[-1]['mean_margin']:.3f}", flush=True)
-            if cfg.train.eval_every:  # evaluation after every round, at the cumulative step
-                evals.append({"step": done, **{f"eval/{k}": v for k, v in recipe.evaluate(done).items()}})
-                log[-1].update({k: v for k, v in evals[-1].items() if k != "step"})
-        (out / "online.json").write_text(json.dumps(log))
-        result.online, result.eval_history, result.step = log, evals, done
-    recipe.export(f"{cfg.train.output_dir}/final")
-    eval_summary(result, acc)
-    result.recipe = recipe
-    return result
+    prompts, contexts, judge, sample = online_setup(cfg, recipe, acc.device)
+    d = cfg.data
+    return run_rounds(recipe, cfg, cfg.online, acc, sample, judge, prompts, contexts,
+                      make_data=lambda path: VisionPreferenceData(str(path), recipe.processor, d.max_length,
+                                                                  d.max_prompt_length, image_column="image"),
+                      rows_fn=lambda p, c, ys, sc: [{**row, "context": c} for row in best_worst_pairs(p, c, ys, sc)],
+                      write_rows=_image_rows, config=to_dict(cfg))

@@ -19,7 +19,6 @@ import random
 import re
 from collections import Counter
 
-
 from .models import generate, image_token_id
 
 YES_NO = re.compile(r"^[\s]*(Yes|yes|No|no)")
@@ -101,48 +100,3 @@ def bdhs_dataset(model, processor, rows: list[dict], seed: int = 0, **kw) -> lis
         r["image"].save(buf, format="PNG")
         out.append({"prompt": r["prompt"], "image": buf.getvalue(), "chosen": r["answer"], "rejected": rej})
     return out
-
-
-def add_parser(sub):
-    p = sub.add_parser("bdhs", help="BDHS: image-blinded rejected answers for VLM DPO, no annotation")
-    p.add_argument("--model", help="VLM folder / hub id (LLaVA-style)")
-    p.add_argument("--tiny", action="store_true", help="a random tiny LLaVA (smoke runs)")
-    p.add_argument("--data", help="table with prompt, image, answer columns")
-    p.add_argument("--shapes-world", type=int, default=0, help="N rendered scenes x the shapes QA questions")
-    p.add_argument("--keep", type=float, default=0.01, help="share of image tokens left visible (1 - rho_th)")
-    p.add_argument("--threshold", type=float, default=0.97)
-    p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_bdhs)
-
-
-def cmd_bdhs(args) -> int:
-    import datasets
-
-    from .models import load_vlm, tiny_llava
-
-    model, proc = tiny_llava() if args.tiny else load_vlm(args.model)
-    if args.shapes_world:
-        rows = shapes_qa_rows(args.shapes_world, args.seed)
-    else:
-        from mmalign.data.records import load_table, require_columns
-        from mmalign.data.images import open_image
-
-        t = load_table(args.data)
-        require_columns(t, ["prompt", "image", "answer"], args.data, "BDHS")
-        rows = [{"prompt": r["prompt"], "image": open_image(r["image"]), "answer": r["answer"]} for r in t]
-    out = bdhs_dataset(model, proc, rows, args.seed, keep=args.keep, threshold=args.threshold,
-                       iterations=args.iterations, max_new_tokens=args.max_new_tokens)
-    datasets.Dataset.from_list(out).to_parquet(args.out)
-    print(f"{len(out)} BDHS pairs -> {args.out}; e.g. chosen={out[0]['chosen']!r} rejected={out[0]['rejected']!r}")
-    return 0
-
-
-def shapes_qa_rows(n: int, seed: int = 0) -> list[dict]:
-    from mmalign.demo.qa import QUESTIONS, answer
-    from mmalign.demo.world import make_dataset
-
-    return [{"prompt": q, "image": im, "answer": answer(sc, kind), "kind": kind}
-            for im, _, sc in make_dataset(n, seed=seed) for kind, q in QUESTIONS.items()]

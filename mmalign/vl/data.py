@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mmalign.data.images import open_image
 from mmalign.data.records import DataError, require_columns
 from mmalign.data.text import PairBatch, TextPreferenceData, pad_sequences
 from mmalign.paths import resolve
@@ -29,8 +30,6 @@ class VisionPreferenceData(TextPreferenceData):
         self.allow_outside_root = allow_outside_root
 
     def __getitem__(self, i):
-        from mmalign.data.images import open_image
-
         r = self.ds[int(i)]
         try:
             image = open_image(r[self.image_column], self.root, self.allow_outside_root, f"{self.source}: row {i}")

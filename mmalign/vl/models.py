@@ -28,8 +28,15 @@ def load_vlm(name_or_path: str, dtype=torch.float32):
 def tiny_llava(seed: int = 0, hidden: int = 64, layers: int = 2, vision_layers: int = 2, patch_size: int = 8):
     """A LLaVA at test size: CLIP ViT (32 px, patch 8 -> 16 image tokens; patch 4 -> 64) + Llama decoder over the tiny BPE
     vocabulary with an added ``<image>`` token. Returns (model, processor)."""
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / "tiny-bpe"))
@@ -52,8 +59,15 @@ def tiny_llava(seed: int = 0, hidden: int = 64, layers: int = 2, vision_layers: 
 
 def tiny_paligemma(seed: int = 0, hidden: int = 64, layers: int = 2, vision_layers: int = 2, patch_size: int = 8):
     """A PaliGemma at test size: SigLIP ViT (32 px) + Gemma decoder over the tiny BPE vocabulary."""
-    from transformers import (AutoTokenizer, GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
-                              PaliGemmaProcessor, SiglipImageProcessor, SiglipVisionConfig)
+    from transformers import (
+        AutoTokenizer,
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / "tiny-bpe"))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from .world import COLORS, SHAPES, Scene, analyse, describe
+from mmalign.vl.models import generate
+
+from .world import COLORS, SHAPES, Scene, analyse, describe, make_dataset
 
 QUESTIONS = {
     "color": "Question: What color is the shape?\nAnswer:",
@@ -42,9 +44,7 @@ def evaluate_qa(model, processor, n_scenes: int = 100, seed: int = 54_321, max_n
                 kinds=tuple(QUESTIONS)) -> dict:
     """Greedy answers to every question on ``n_scenes`` held-out renders, judged: accuracy and
     hallucination rate (share of answers naming a colour or shape the image does not show)."""
-    from mmalign.vl.models import generate
 
-    from .world import make_dataset
 
     data = make_dataset(n_scenes, seed=seed)
     was = model.training

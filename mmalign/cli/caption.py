@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmalign.data.records import DataError
 
-def add_parsers(sub):
-    p = sub.add_parser("caption", help="caption images with a captioner (ClipCap folder, BLIP hub id / folder)")
+# Library imports are inside run(): building the parser (mmalign --help) must not load torch (~4 s).
+
+
+def add_arguments(p):
     p.add_argument("--model", help="captioner.json folder (ClipCap) or BLIP id / folder, e.g. "
                                    "Salesforce/blip-image-captioning-base or assets/models/shapes-captioner")
     p.add_argument("--images", required=True, help="a folder of images or a glob pattern")
@@ -14,31 +17,24 @@ def add_parsers(sub):
     p.add_argument("--tiny", action="store_true", help="a random tiny ClipCap (smoke runs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_caption)
 
 
-def cmd_caption(args) -> int:
+def run(args) -> int:
     import torch
-    from tqdm.auto import tqdm
 
-    from mmalign.models.captioner import load_captioner, tiny_clipcap
     from mmalign.data.images import list_images, read_images
-    from mmalign.rewards.cli import write_rows
+    from mmalign.models.captioner import caption_images, load_captioner, tiny_clipcap
+    from mmalign.rewards.scoring import write_rows
     from mmalign.utils import print_table
 
     if not args.model and not args.tiny:
-        raise SystemExit("error: pass --model (a captioner folder or BLIP id) or --tiny")
+        raise DataError("pass --model (a captioner folder or BLIP id) or --tiny")
     files, images, bad = read_images(list_images(args.images))
-    for f, why in bad:
-        print(f"skipped unreadable image {f}: {why}")
     if not images:
-        raise SystemExit(f"error: no readable images at {args.images!r}")
+        raise DataError(f"no readable images at {args.images!r}")
     cap = tiny_clipcap() if args.tiny else load_captioner(args.model)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cap.to(dev).eval()
-    caps: list[str] = []
-    for lo in tqdm(range(0, len(images), args.batch_size), desc="captioning", dynamic_ncols=True):
-        caps += cap.caption(images[lo: lo + args.batch_size], batch_size=args.batch_size)
+    caps = caption_images(cap.to(dev).eval(), images, args.batch_size)
     root = Path(args.images) if Path(args.images).is_dir() else None
     names = [str(f.relative_to(root)) if root else str(f) for f in files]
     if args.out:

@@ -9,10 +9,16 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from mmalign.config import ConfigError
+from mmalign.config import ConfigError, config_from_dict, read_config
+from mmalign.losses import LOSSES
 from mmalign.registry import Registry
 
 RECIPES: Registry = Registry("recipe")
+
+
+def load_config(path, overrides: list[str] | None = None):
+    """Read, inherit, override and bind a recipe config; returns the recipe's dataclass instance."""
+    return config_from_dict(read_config(path, overrides), RECIPES)
 
 
 @dataclass(kw_only=True)
@@ -42,8 +48,6 @@ class LossSection:
 
     @property
     def fn(self):
-        from mmalign.losses import LOSSES
-
         return LOSSES[self.name]
 
     def validate(self, path="loss"):
@@ -127,7 +131,8 @@ class TrainSection:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: Optional[str] = None
-    """'latest' or a checkpoint directory"""
+    """'latest', a checkpoint directory, or 'auto' (latest if a checkpoint exists, else start fresh: for
+    pre-emptible jobs that relaunch the same command)"""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     num_workers: int = 0
     progress: bool = True
@@ -141,26 +146,44 @@ class TrainSection:
 
 
 @dataclass(kw_only=True)
-class LMModelSection:
+class ModelSource:
+    """Where a model comes from, shared by every recipe: exactly one of a hub id / local folder
+    (``from_pretrained``) or a tiny random model built from a config (tests, demos)."""
+
     name_or_path: Optional[str] = None
-    """hub id or local directory for AutoModelForCausalLM.from_pretrained"""
+    """hub id or local directory"""
     tiny: Optional[dict[str, Any]] = None
-    """build from a config instead, e.g. {arch: gpt2, n_layer: 2, n_embd: 64, n_head: 4}"""
-    tokenizer: Optional[str] = None
-    """defaults to name_or_path"""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    lora: Optional[LoraSection] = None
-    reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
-    """auto = peft (adapters disabled) with LoRA, else a frozen copy"""
-    gradient_checkpointing: bool = False
-    dropout: Optional[float] = 0.0
-    """override the model's dropout (DPO is usually trained with dropout off); null keeps the config's"""
+    """build a tiny random model from a config instead (what the keys mean depends on the recipe)"""
 
     def validate(self):
         if (self.name_or_path is None) == (self.tiny is None):
             raise ConfigError("model: set exactly one of name_or_path or tiny")
+
+
+@dataclass(kw_only=True)
+class PolicySource(ModelSource):
+    """A policy trained against a reference model: LoRA or full, and which reference (``mmalign.models.reference``)."""
+
+    lora: Optional[LoraSection] = None
+    reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
+    """auto = peft (adapters disabled) with LoRA, else a frozen copy"""
+    gradient_checkpointing: bool = False
+
+    def validate(self):
+        super().validate()
         if self.reference == "peft" and self.lora is None:
             raise ConfigError("model.reference=peft needs model.lora")
+
+
+@dataclass(kw_only=True)
+class LMModelSection(PolicySource):
+    """``name_or_path`` for AutoModelForCausalLM; ``tiny`` e.g. {arch: gpt2, n_layer: 2, n_embd: 64, n_head: 4}."""
+
+    tokenizer: Optional[str] = None
+    """defaults to name_or_path"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dropout: Optional[float] = 0.0
+    """override the model's dropout (DPO is usually trained with dropout off); null keeps the config's"""
 
 
 @dataclass(kw_only=True)
@@ -208,24 +231,19 @@ RECIPES["lm"] = LMConfig
 
 
 @dataclass(kw_only=True)
-class DiffusionModelSection:
+class DiffusionModelSection(PolicySource):
+    """``name_or_path``: a diffusers pipeline folder or hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0;
+    ``tiny``: random tiny components from configs (tests), e.g. {seed: 0, sample_size: 16}."""
+
     kind: Literal["sd", "sdxl", "sd3", "flux"] = "sd"
     """sd = SD 1.x / 2.x (one text encoder), sdxl = two text encoders + micro-conditioning,
     sd3 = SD3 / SD3.5 (flow matching, two CLIP + T5), flux = FLUX.1 (flow matching, CLIP + T5, packed latents)"""
-    name_or_path: Optional[str] = None
-    """diffusers pipeline folder or hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0"""
-    tiny: Optional[dict[str, Any]] = None
-    """random tiny components from configs (tests), e.g. {seed: 0, sample_size: 16}"""
     vae: Optional[str] = None
     """alternative VAE, e.g. madebyollin/sdxl-vae-fp16-fix"""
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
-    lora: Optional[LoraSection] = None
-    reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
-    """auto = peft (adapters disabled) with LoRA, else a frozen copy"""
     reference_offload: bool = False
     """keep the frozen reference copy on CPU, moving layers to the accelerator as they run"""
     attention: Literal["sdpa", "xformers"] = "sdpa"
-    gradient_checkpointing: bool = False
     compile: bool = False
     ema: bool = False
     ema_decay: float = 0.9999
@@ -233,12 +251,6 @@ class DiffusionModelSection:
     """dtype of every frozen weight -- VAE, text encoders, the reference copy and, under LoRA, the base
     UNet/transformer (LoRA weights stay fp32, as in the diffusers scripts); auto = bf16 / fp16 with
     train.mixed_precision bf16 / fp16, else fp32"""
-
-    def validate(self):
-        if (self.name_or_path is None) == (self.tiny is None):
-            raise ConfigError("model: set exactly one of name_or_path or tiny")
-        if self.reference == "peft" and self.lora is None:
-            raise ConfigError("model.reference=peft needs model.lora")
 
 
 @dataclass(kw_only=True)
@@ -272,9 +284,10 @@ class DiffusionDataSection:
     """winner and loser share t and noise (Diffusion-DPO); false draws them independently (RPO)"""
     allow_outside_root: bool = False
     """an image-folder dataset may name files outside its folder (../x.png, absolute paths): trusted data only"""
-    vae_latents: Literal["sample", "mean"] = "mean"
-    """sample: z = mean + std * eps, eps from the pair's keyed generator (the peers' latent_dist.sample());
-    mean: the posterior mean"""
+    vae_latents: Literal["sample", "mean"] = "sample"
+    """sample: z = mean + std * eps with eps from the pair's keyed generator -- what the diffusers and
+    Salesforce scripts do (latent_dist.sample()) and how SD was pretrained; deterministic and cacheable here
+    (the cache keeps the posterior std). mean: the posterior mean (for models pretrained on means, like the demo's)"""
     cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of cached latents / embeddings; auto = the training dtype (fp32 without mixed precision)"""
 
@@ -401,30 +414,27 @@ RECIPES["diffusion"] = DiffusionConfig
 
 
 @dataclass(kw_only=True)
-class CaptionerModelSection:
-    name_or_path: Optional[str] = None
-    """a ClipCap folder (captioner.json) or a BLIP hub id / folder"""
-    tiny: Optional[dict[str, Any]] = None
-    """random tiny captioner: {kind: clipcap | blip, clip: optional CLIP folder for clipcap}"""
-
-    def validate(self):
-        if (self.name_or_path is None) == (self.tiny is None):
-            raise ConfigError("model: set exactly one of name_or_path or tiny")
+class CaptionerModelSection(ModelSource):
+    """``name_or_path``: a ClipCap folder (captioner.json) or a BLIP hub id / folder; ``tiny``: a random tiny
+    captioner {kind: clipcap | blip, clip: optional CLIP folder for clipcap}. No reference: the captioner
+    recipe trains with a policy-gradient loss."""
 
 
 @dataclass(kw_only=True)
 class CaptionerDataSection:
     images: Optional[str] = None
     """a folder (or glob) of training images"""
-    shapes_world: int = 0
-    """render this many shapes-world scenes instead (the demo world; enables content-accuracy metrics)"""
+    world: str = "shapes"
+    """the plug-in world (``mmalign.worlds``) that renders world_images and measures content accuracy"""
+    world_images: int = 0
+    """render this many scenes of ``world`` instead of reading images (enables content-accuracy metrics)"""
     eval_images: Optional[str] = None
-    eval_shapes_world: int = 0
+    eval_world_images: int = 0
     seed: int = 0
 
     def validate(self):
-        if (self.images is None) == (self.shapes_world == 0):
-            raise ConfigError("data: set exactly one of images or shapes_world")
+        if (self.images is None) == (self.world_images == 0):
+            raise ConfigError("data: set exactly one of images or world_images")
 
 
 @dataclass(kw_only=True)
@@ -477,22 +487,14 @@ RECIPES["captioner"] = CaptionerConfig
 
 
 @dataclass(kw_only=True)
-class VLMModelSection:
-    name_or_path: Optional[str] = None
-    """LLaVA-style hub id / folder (AutoModelForImageTextToText + AutoProcessor)"""
-    tiny: Optional[dict[str, Any]] = None
-    """tiny VLM from configs: {family: llava | paligemma, seed, hidden, layers, patch_size}"""
-    lora: Optional[LoraSection] = None
-    reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
+class VLMModelSection(PolicySource):
+    """``name_or_path``: a LLaVA-style hub id / folder (AutoModelForImageTextToText + AutoProcessor);
+    ``tiny``: a tiny VLM from configs {family: llava | paligemma, seed, hidden, layers, patch_size}."""
+
     freeze_vision: bool = True
     """keep the vision tower frozen (the projector and language model train)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dropout: Optional[float] = 0.0
-    gradient_checkpointing: bool = False
-
-    def validate(self):
-        if (self.name_or_path is None) == (self.tiny is None):
-            raise ConfigError("model: set exactly one of name_or_path or tiny")
 
 
 @dataclass(kw_only=True)
@@ -507,15 +509,15 @@ class OnlineSection:
 
     rounds: int = 2
     prompts: Optional[str] = None
-    """a table with prompt + image columns; or use shapes_world"""
-    shapes_world: int = 0
-    """N rendered shapes-world images x the QA questions"""
+    """a table with prompt + image columns; or use world_images"""
+    world_images: int = 0
+    """N renders of the config's ``world`` x its QA questions"""
     samples: int = 4
     steps_per_round: int = 50
     temperature: float = 1.0
     max_new_tokens: int = 24
-    judge: str = "shapes-qa"
-    """shapes-qa (the shapes-world QA judge) or a REWARDS name scoring (image, response)"""
+    judge: str = "world"
+    """world (the config's world's QA judge) or a REWARDS name scoring (image, response)"""
 
 
 @dataclass(kw_only=True)
@@ -531,8 +533,10 @@ class VLMConfig:
     online: Optional[OnlineSection] = None
     token_weights: Literal["mask", "sigmoid", "zn_rescale"] = "sigmoid"
     token_kl: bool = True
+    world: str = "shapes"
+    """the plug-in world (``mmalign.worlds``) for eval_qa, online world_images and the world judge"""
     eval_qa: int = 0
-    """at each evaluation, answer the shapes-world questions greedily on this many held-out renders and
+    """at each evaluation, answer the world's questions greedily on this many held-out renders and
     report qa_accuracy and hallucination_rate (the shapes-QA judge)"""
 
     runner = "mmalign.train.vlm:run"

@@ -1,0 +1,20 @@
+"""``mmalign train CONFIG [key=value ...]``: any recipe from a YAML config."""
+from __future__ import annotations
+
+# Library imports are inside run(): building the parser (mmalign --help) must not load torch (~4 s).
+
+
+def add_arguments(p):
+    p.add_argument("config", help="a YAML recipe config (configs/...)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4 loss.beta=0.2")
+
+
+def run(args) -> int:
+    import importlib
+
+    from mmalign.train.sections import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    module, fn = type(cfg).runner.split(":")
+    getattr(importlib.import_module(module), fn)(cfg)  # the recipe named by the config
+    return 0

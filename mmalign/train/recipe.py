@@ -1,0 +1,184 @@
+"""The recipe contract, written down: what the training loop (``mmalign.train.loop.train``) calls, and a
+base class holding the state every recipe shares.
+
+A recipe owns a model, its data and ``compute(batch) -> StepOutput`` (per-example loss and metrics).
+The loop owns accumulation, reduction, mixed precision, clipping, non-finite handling, logging,
+evaluation scheduling, checkpoints and resume. Hand-off of the model: the loop prepares
+``trainable_module()`` with accelerate (DDP / FSDP / DeepSpeed) and hands the wrapped module back through
+``bind``; ``compute`` runs ``self.model``, so gradients are synchronised by the engine.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from accelerate.utils import set_seed
+
+from mmalign.config import to_dict
+from mmalign.losses import MetricSums
+
+from .loop import StepOutput, TrainResult, eval_summary, make_accelerator, train
+
+Tensor = torch.Tensor
+
+
+@runtime_checkable
+class Recipe(Protocol):
+    loss_fn: Any
+    """the ``LOSSES`` entry (or None): the loop reads its capability flags (``batch_dependent``)"""
+    train_data: Any
+    """a Dataset whose ``collate(items)`` returns a batch with ``to(device)``, ``len`` and ``index`` (rows)"""
+
+    def describe(self) -> str: ...
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+    def trainable_module(self) -> torch.nn.Module:
+        """The module the engine wraps (not yet wrapped; called again for every ``train`` call)."""
+    def bind(self, prepared: torch.nn.Module) -> None:
+        """Receive the engine-wrapped module; ``compute`` runs it from now on."""
+    def begin_step(self, micro_batches: list) -> None:
+        """Before the micro-batches of an optimiser step: step-level state from all of them (KTO's z0)."""
+    def compute(self, batch, step: int = 0, split: str = "train") -> StepOutput: ...
+    def on_step_end(self, step: int, applied: bool = True) -> None:
+        """After the optimiser step (``applied`` False when it was skipped): EMA, running statistics."""
+    def evaluate(self, step: int) -> dict: ...
+    def trainable_state(self) -> dict[str, Tensor]: ...
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None: ...
+    def extra_state(self) -> dict: ...
+    def load_extra_state(self, state: dict) -> None: ...
+    def export(self, out_dir, card: dict | None = None) -> None: ...
+    @property
+    def stop(self) -> bool:
+        """Early stopping requested by the recipe (checked after each evaluation, on any rank)."""
+
+
+class RecipeBase:
+    """Shared state and defaults: ``policy`` (the unwrapped trainable module), ``model`` (what ``compute``
+    runs: the policy, compiled or engine-wrapped), ``eval_data``, optional ``ema`` (diffusers EMAModel) and
+    ``running`` (a ``RunningMoments``, BCO's shift), one evaluation loop over ``eval_data``."""
+
+    policy: torch.nn.Module
+    model: torch.nn.Module
+    loss_fn = None
+    eval_data = None
+    eval_mode = True
+    """evaluate in eval() mode (text); diffusion keeps train mode (its UNet has no dropout, and diffusers'
+    ResnetBlock2D computes bit-differently in eval mode, which would move the eval loss off ln 2)"""
+    ema = None
+    running = None
+    compiled = None
+
+    # ---------------------------------------------------------------- the model hand-off
+    def trainable_module(self) -> torch.nn.Module:
+        return self.compiled if self.compiled is not None else self.policy
+
+    def bind(self, prepared: torch.nn.Module) -> None:
+        self.model = prepared
+
+    def trainable_parameters(self):
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------- step hooks
+    def begin_step(self, micro_batches: list) -> None:
+        pass
+
+    def on_step_end(self, step: int, applied: bool = True) -> None:
+        if self.ema is not None and applied:
+            self.ema.step(self.trainable_parameters())
+        if self.running is not None:  # BCO: this step's rewards, all micro-batches and processes, at once
+            self.running.commit(self.reduce_sum) if applied else self.running.discard()
+
+    @property
+    def stop(self) -> bool:
+        return False
+
+    # ---------------------------------------------------------------- state
+    def _named_trainable(self):
+        return [(k, p) for k, p in self.policy.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        named = self._named_trainable()
+        state = {k: p.detach() for k, p in named}
+        if self.ema is not None:
+            state.update({f"ema/{k}": s for (k, _), s in zip(named, self.ema.shadow_params)})
+        return state
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        named = self._named_trainable()
+        missing = [k for k, _ in named if k not in state]
+        if missing:
+            raise KeyError(f"checkpoint lacks trainable weights {missing[:5]}")
+        with torch.no_grad():
+            for k, p in named:
+                p.copy_(state[k])
+            if self.ema is not None:
+                for (k, _), s in zip(named, self.ema.shadow_params):
+                    s.copy_(state[f"ema/{k}"])
+
+    def extra_state(self) -> dict:
+        out = {}
+        if self.running is not None:
+            out["running"] = self.running.state_dict()
+        if self.ema is not None:
+            out["ema_step"] = self.ema.optimization_step
+        return out
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.running is not None and "running" in state:
+            self.running.load_state_dict(state["running"])
+        if self.ema is not None and "ema_step" in state:
+            self.ema.optimization_step = state["ema_step"]
+
+    # ---------------------------------------------------------------- evaluation
+    @property
+    def reduce_sum(self):
+        """Sum a 1-D tensor over processes (``None`` on one process)."""
+        acc = self.acc
+        return (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
+
+    @torch.no_grad()
+    def evaluate_pairs(self, data, step: int, split: str = "eval") -> dict:
+        """Loss and metrics of ``compute`` over every row of ``data`` (rows split across processes)."""
+        if data is None:
+            return {}
+        was = self.model.training
+        if self.eval_mode:
+            self.model.eval()
+        sums = MetricSums()
+        rows = list(range(self.acc.process_index, len(data), self.acc.num_processes))
+        bs = self.cfg.train.batch_size
+        for lo in range(0, len(rows), bs):
+            batch = data.collate([data[i] for i in rows[lo: lo + bs]])
+            if len(batch) == 0:
+                continue
+            batch.to(self.acc.device)
+            with self.acc.autocast():
+                out = self.compute(batch, step, split=split)
+            sums.add(out.metrics, out.loss)
+        self.model.train(was)
+        return sums.means(self.reduce_sum)
+
+    def evaluate(self, step: int) -> dict:
+        return self.evaluate_pairs(self.eval_data, step)
+
+    def export(self, out_dir, card: dict | None = None) -> None:
+        pass
+
+
+def run_recipe(recipe_cls, cfg, accelerator=None, summary: bool = False, **kwargs) -> TrainResult:
+    """Build ``recipe_cls(cfg, accelerator, **kwargs)``, train, export ``<output_dir>/final`` with the last
+    evaluation in its card (and ``summary.json`` when asked); ``result.recipe`` is the trained recipe."""
+    acc = accelerator or make_accelerator(cfg.train)
+    set_seed(cfg.train.seed)
+    recipe = recipe_cls(cfg, acc, **kwargs)
+    result = train(recipe, cfg.train, acc, config=to_dict(cfg))
+    final = eval_summary(result, acc)
+    out = Path(cfg.train.output_dir) / "final"
+    recipe.export(out, card=final)
+    if summary and acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"step": result.step, "eval": result.eval_history,
+                                                      "skipped_steps": result.skipped_steps}))
+    result.recipe = recipe
+    return result
