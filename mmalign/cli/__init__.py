@@ -25,6 +25,9 @@ class Command(NamedTuple):
 COMMANDS = (
     Command("train", "train a recipe from a YAML config (key=value overrides)", "mmalign.cli.train"),
     Command("losses", "table of the loss core (name, kind, paper equation)", "mmalign.cli.losses"),
+    Command("sample", "generate images with a diffusers pipeline (+ LoRA) for prompts x seeds", "mmalign.cli.sample"),
+    Command("eval", "base vs tuned: several rewards, mean with 95% interval, win rates, HTML gallery",
+            "mmalign.cli.eval"),
     Command("score", "score images with bundled reward models", "mmalign.cli.score"),
     Command("label", "turn a reward into preference labels for Pick-a-Pic-style pairs", "mmalign.cli.label"),
     Command("data", "dataset tools: FiFA filtering, DCPO captions, RPO pairs, BDHS, relabelling",

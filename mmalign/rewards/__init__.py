@@ -1,4 +1,5 @@
 """Bundled image reward models: ``REWARDS`` registry, ``load_reward``, and ``mmalign score``."""
+from . import imagereward  # noqa: F401  (registers "imagereward")
 from .models import (
     REWARDS,
     AestheticMLP,

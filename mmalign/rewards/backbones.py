@@ -1,8 +1,11 @@
 """Image/text encoders behind the rewards: transformers CLIP (and ALIGN), open_clip, and DINO ViTs.
 
-Every backbone takes pixels as a float tensor ``[N, 3, H, W]`` in [0, 1] (PIL images are converted
-first), resizes and normalises them *as tensors* -- so the same code path is differentiable -- and
-returns L2-normalised features.
+Two preprocessing paths, one result: PIL images go through exactly what the official code does (the
+model's own transformers image processor, or torchvision's PIL ``Resize`` / ``CenterCrop`` geometry with
+PIL's bicubic filter, or HPSv2's long-side resize + zero pad) -- checked against the official packages in
+tests/test_fidelity.py; a float tensor ``[N, 3, H, W]`` in [0, 1] is resized and normalised *as a tensor*
+(antialiased bicubic), so rewards stay differentiable for reward-gradient training. Features come back
+L2-normalised.
 """
 from __future__ import annotations
 
@@ -30,9 +33,33 @@ def to_tensor(images) -> Tensor:
             for im in images]
 
 
+def pil_geometry(im, size: int):
+    """torchvision ``Resize(size, BICUBIC)`` (short side to size, long side truncated) + ``CenterCrop(size)``
+    (offsets rounded) on a PIL image: the transform of open_clip, ImageReward and DreamBench's DINO."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    w, h = im.size
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    im = im.resize((nw, nh), Image.BICUBIC)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def is_pil_list(images) -> bool:
+    return not isinstance(images, Tensor) and len(images) > 0 and hasattr(images[0], "convert")
+
+
 def preprocess(images, size: int, mean, std, mode: str = "crop") -> Tensor:
-    """Tensor preprocessing. ``crop``: resize the short side to ``size`` (bicubic), centre-crop (CLIP).
-    ``pad``: resize the long side to ``size`` and zero-pad symmetrically (HPSv2: floor(d/2), d - floor(d/2))."""
+    """``[N, 3, size, size]`` normalised pixels.
+
+    ``crop``: PIL images take ``pil_geometry`` (the official PIL path, exactly); tensors (differentiable)
+    resize the short side with antialiased bicubic and centre-crop.
+    ``pad`` (HPSv2): resize the long side to ``size`` (rounded) with antialiased bicubic *on the tensor* and
+    zero-pad (floor(d/2), d - floor(d/2)) -- the official HPSv2 transform converts to a tensor first, so this
+    is its exact path for PIL images and tensors alike."""
+    if mode == "crop" and is_pil_list(images):
+        images = [pil_geometry(im, size) for im in images]
     xs = to_tensor(images)
     if isinstance(xs, Tensor) and xs.dim() == 4:
         xs = list(xs)
@@ -40,20 +67,22 @@ def preprocess(images, size: int, mean, std, mode: str = "crop") -> Tensor:
     for x in xs:
         h, w = x.shape[-2:]
         if mode == "crop":
-            s = size / min(h, w)
-            nh, nw = max(size, round(h * s)), max(size, round(w * s))
-            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
-            top, left = (nh - size) // 2, (nw - size) // 2
-            x = x[:, top: top + size, left: left + size]
+            if (h, w) != (size, size):
+                s = size / min(h, w)
+                nh, nw = max(size, round(h * s)), max(size, round(w * s))
+                x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+                top, left = (nh - size) // 2, (nw - size) // 2
+                x = x[:, top: top + size, left: left + size].clamp(0, 1)
         elif mode == "pad":
             s = size / max(h, w)
-            nh, nw = min(size, round(h * s)), min(size, round(w * s))
-            x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
-            ph, pw = size - nh, size - nw
-            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
+            if s != 1.0:
+                nh, nw = round(h * s), round(w * s)
+                x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+                ph, pw = size - nh, size - nw
+                x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
         else:
             raise ValueError(f"unknown resize mode {mode!r}")
-        out.append(x.clamp(0, 1))
+        out.append(x)
     x = torch.stack(out)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -75,8 +104,8 @@ class HFClip:
     """transformers ``CLIPModel`` / ``AlignModel`` (anything with get_image/text_features)."""
 
     def __init__(self, model, tokenizer, size: int = 224, mean=OPENAI_MEAN, std=OPENAI_STD, mode="crop",
-                 max_length: int = 77):
-        self.model, self.tokenizer = model.eval(), tokenizer
+                 max_length: int = 77, image_processor=None):
+        self.model, self.tokenizer, self.image_processor = model.eval(), tokenizer, image_processor
         self.size, self.mean, self.std, self.mode, self.max_length = size, mean, std, mode, max_length
 
     @classmethod
@@ -93,7 +122,7 @@ class HFClip:
         kw.setdefault("std", tuple(ip.image_std))
         tc = getattr(model.config, "text_config", None)
         kw.setdefault("max_length", min(77, getattr(tc, "max_position_embeddings", 77) or 77))
-        return cls(model, proc.tokenizer, size=size, **kw)
+        return cls(model, proc.tokenizer, size=size, image_processor=ip, **kw)
 
     @property
     def device(self):
@@ -103,8 +132,15 @@ class HFClip:
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale.exp()
 
+    def pixels(self, images) -> Tensor:
+        """PIL images through the model's own image processor (what PickScore's and torchmetrics' code do);
+        tensors through the differentiable path."""
+        if self.image_processor is not None and is_pil_list(images):
+            return self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+        return preprocess(images, self.size, self.mean, self.std, self.mode)
+
     def image_features(self, images) -> Tensor:
-        x = preprocess(images, self.size, self.mean, self.std, self.mode).to(self.device)
+        x = self.pixels(images).to(self.device, next(self.model.parameters()).dtype)
         return F.normalize(_unwrap(self.model.get_image_features(pixel_values=x)).float(), dim=-1)
 
     def text_features(self, texts: list[str]) -> Tensor:

@@ -365,6 +365,32 @@ class ToyClip(Reward):
         return (self.backbone.image_features(images) * self.backbone.text_features(prompts)).sum(-1)
 
 
+@REWARDS.register("world")
+class WorldReward(Reward):
+    """A plug-in world's programmatic oracle (``mmalign.worlds``): how well each image shows its prompt, in
+    [0, 1] for the shapes world (colour share + shape match). ``world=NAME`` (default ``shapes``)."""
+
+    needs_prompts = True
+    weights = "none: the oracle of a plug-in world (world=NAME, default shapes)"
+
+    def __init__(self, world, device=None):
+        self.world, self.backbone = world, None
+        self.device = torch.device(device) if device else torch.device("cpu")
+
+    @classmethod
+    def load(cls, model=None, device=None, world: str | None = None, **kw):
+        from mmalign.worlds import get_world  # the registry of plug-ins, by name (never the plug-in itself)
+
+        return cls(get_world(world or model or "shapes"), device)
+
+    @classmethod
+    def tiny(cls, device=None, **kw):
+        return cls.load(device=device, **kw)
+
+    def _score(self, images, prompts, references):
+        return torch.tensor(self.world.reward(images, prompts), dtype=torch.float32)
+
+
 def _load_clip(model: str, processor: str | None = None, **kw):
     """``open_clip:NAME[@pretrained]``, an open_clip ``local-dir``, or a transformers CLIP/ALIGN id/path."""
     if model.startswith("open_clip:"):

@@ -124,7 +124,8 @@ def write_rows(out: str, rows: list[dict]):
                 fh.write(json.dumps(r) + "\n")
     else:
         with open(out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            fields = list(dict.fromkeys(k for r in rows for k in r))  # every key, in order of first appearance
+            w = csv.DictWriter(fh, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(rows)
 

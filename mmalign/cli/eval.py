@@ -1,0 +1,92 @@
+"""``mmalign eval``: the comparison every Diffusion-DPO-family paper reports -- base vs tuned on the same
+prompts and seeds, several rewards, mean with a 95% bootstrap interval and the win rate vs base.
+
+    mmalign eval --base MODEL --tuned dpo=LORA_DIR [--tuned full=PIPELINE ...] --prompts SET --seeds 0 1 2 3 \\
+                 --reward pickscore --reward hpsv2 --model hpsv2=HPS_v2.1_compressed.pt --out DIR
+    mmalign eval --folder base=DIR --folder tuned=DIR --reward imagereward --out DIR   # already sampled
+
+Writes DIR/samples/<model>/ (when sampling), scores.csv, summary.csv, summary.json and gallery.html.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmalign.data.records import DataError
+
+# Library imports are inside run(): building the parser (mmalign --help) must not load torch (~4 s).
+
+
+def add_arguments(p):
+    p.add_argument("--base", help="base pipeline folder / hub id (sampled into DIR/samples/base)")
+    p.add_argument("--tuned", action="append", default=[],
+                   help="NAME=PATH: a LoRA folder (applied to --base) or a full pipeline folder; repeatable")
+    p.add_argument("--folder", action="append", default=[],
+                   help="NAME=DIR of images already sampled (with metadata.jsonl); the first is the base")
+    p.add_argument("--prompts", help="prompt file or set (when sampling)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--reward", action="append", default=[], help="REWARDS name (repeatable)")
+    p.add_argument("--model", action="append", default=[], help="NAME=HUB_ID_OR_PATH weights for a reward")
+    p.add_argument("--reward-arg", action="append", default=[], help="NAME.key=value extra loader argument")
+    p.add_argument("--tiny", action="store_true", help="random tiny reward weights (smoke runs)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+
+
+def _named(specs: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for s in specs:
+        name, sep, path = s.partition("=")
+        if not sep:
+            name, path = Path(s).name, s
+        if name in out:
+            raise DataError(f"{what}: the name {name!r} is used twice")
+        out[name] = path
+    return out
+
+
+def run(args) -> int:
+    import torch
+
+    from mmalign.cli.score import parse_models, parse_reward_args
+    from mmalign.data.prompts import load_prompts
+    from mmalign.diffusion.sampling import LORA_FILE, load_pipeline, sample_to_folder
+    from mmalign.evaluation import evaluate_folders, format_rows
+    from mmalign.utils import print_table
+
+    if not args.reward:
+        raise DataError("pass at least one --reward (see mmalign score --list)")
+    out = Path(args.out)
+    if args.folder:
+        if args.base or args.tuned:
+            raise DataError("use either --folder (already sampled) or --base/--tuned (sample here), not both")
+        folders = _named(args.folder, "--folder")
+        if len(folders) < 2:
+            raise DataError("--folder needs at least two folders: the base first, then the tuned model(s)")
+    else:
+        if not args.base or not args.tuned or not args.prompts:
+            raise DataError("pass --base, at least one --tuned NAME=PATH and --prompts (or --folder NAME=DIR ...)")
+        prompts = load_prompts(args.prompts)[: args.max_prompts]
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        specs = {"base": (args.base, None), **{n: ((args.base, p) if (Path(p) / LORA_FILE).is_file() else (p, None))
+                                              for n, p in _named(args.tuned, "--tuned").items()}}
+        for n, (model, lora) in specs.items():  # load every model first: a LoRA that does not fit fails early
+            if not Path(model).exists() and "/" not in model:
+                raise DataError(f"--tuned {n}: {model} is neither a LoRA folder nor a pipeline")
+        folders = {}
+        for n, (model, lora) in specs.items():
+            pipe, kind = load_pipeline(model, lora, device=dev)
+            folders[n] = out / "samples" / n
+            sample_to_folder(pipe, prompts, args.seeds, folders[n], args.steps, args.guidance, args.resolution,
+                             args.batch_size, meta={"model": model, "lora": lora, "kind": kind})
+            del pipe
+    res = evaluate_folders(folders, args.reward, out, base=next(iter(folders)), models=parse_models(args.model),
+                           extra=parse_reward_args(args.reward_arg), tiny=args.tiny, device=args.device)
+    print(f"\n{len(res['keys'])} prompt/seed items per model; 95% bootstrap intervals; ties count half")
+    print_table(*format_rows(res["rows"]))
+    print(f"-> {out / 'summary.csv'}, {out / 'scores.csv'}, {out / 'gallery.html'}")
+    return 0
