@@ -108,8 +108,8 @@ img{{width:192px;height:192px;object-fit:contain;image-rendering:pixelated;backg
 def align_folders(folders: dict[str, str | Path]) -> tuple[list[tuple[str, int]], dict[str, dict]]:
     """Items (prompt, seed) present in every folder, and per folder {(prompt, seed): metadata row}; folders
     that were not sampled on the same prompts and seeds are a clear error (nothing would be paired)."""
-    from mmalign.data.records import DataError
-    from mmalign.diffusion.sampling import read_metadata
+    from mmalign.data.records import DataError  # noqa: I001 - light, kept beside the next one
+    from mmalign.diffusion.sampling import read_metadata  # diffusers: loaded only when folders are compared
 
     by = {}
     for name, d in folders.items():
@@ -133,8 +133,8 @@ def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: st
                      batch_size: int = 16, seed: int = 0, gallery_items: int = 64) -> dict:
     """Score every folder's images (paired by prompt and seed) with every reward; write ``scores.csv`` (one
     row per item and model), ``summary.json`` / ``summary.csv`` and ``gallery.html`` under ``out``."""
-    from mmalign.data.images import open_image
-    from mmalign.rewards.scoring import check_inputs, score_images, write_rows
+    from mmalign.data.images import open_image  # PIL: loaded only when folders are scored
+    from mmalign.rewards.scoring import check_inputs, score_images, write_rows  # reward models: same
 
     out = Path(out)
     names = list(folders)

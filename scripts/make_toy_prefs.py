@@ -18,17 +18,7 @@ import json
 import random
 from pathlib import Path
 
-TOPICS = ["weather", "coffee", "movie", "garden", "city", "book", "song", "hotel", "train", "pizza", "museum",
-          "beach", "lecture", "phone", "bicycle", "park", "lake", "bakery", "concert", "kitchen", "library", "market",
-          "river", "school", "village", "forest", "harbor", "festival", "restaurant", "theater", "island", "bridge",
-          "castle", "station", "garden party", "painting", "camera", "laptop", "sweater", "soup"]
-GOOD = ["pleasant", "lovely", "helpful", "clear", "bright", "calm", "friendly", "tasty", "clean", "great", "warm",
-        "charming", "wonderful", "cozy", "delightful", "fresh"]
-BAD = ["awful", "rude", "boring", "dirty", "broken", "noisy", "gloomy", "stale", "useless", "terrible", "cold",
-       "ugly", "dreadful", "smelly", "grim", "soggy"]
-PROMPTS = ["Question: what do you think of the {t}?\nAnswer:", "Tell me about the {t}.\nAnswer:",
-           "How was the {t}?\nAnswer:"]
-ANSWERS = [" I think the {t} is {a} and {b}.", " The {t} was {a} and {b}.", " Honestly, the {t} is {a}, also {b}."]
+from mmalign.toyworld.text import ANSWERS, BAD, GOOD, PROMPTS, TOPICS  # the world's vocabulary
 
 
 def answer(rng, t, a, b):

@@ -58,7 +58,7 @@ def test_bad_config_errors(override, match):
 def test_missing_required_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("recipe: lm\nmodel: {tiny: {arch: gpt2}}\n")
-    with pytest.raises(ConfigError, match="data: required key missing"):
+    with pytest.raises(ConfigError, match="set data.train"):
         load_config(f)
 
 

@@ -34,7 +34,7 @@ def rows(seed: int, n: int = N) -> list[dict]:
             "xl": r(K, D), "rl": r(K), "scores": r(K), "lmask": torch.tensor([True] * (K - (i % 2)) + [False] * (i % 2)),
             "xt_c": r(T, D), "xt_r": r(T, D), "rt_c": r(T), "rt_r": r(T),
             "tm_c": (torch.arange(T) < 3 + i % 3).double(), "tm_r": (torch.arange(T) < 2 + i % 4).double(),
-            "adv": r(K),
+            "adv": r(K), "ll": torch.tensor([3.0 + (i + j) % 4 for j in range(K)], dtype=torch.float64),
         })
     return out
 
@@ -52,6 +52,8 @@ def micro_loss(fn, theta: torch.Tensor, rs: list[dict], running, step_kl):
             hp["rejected_lengths"] = torch.tensor([x["lr"] for x in rs], dtype=torch.float64)
         if "reward_margin" in uses:
             hp["reward_margin"] = st("margin")
+        if "online_samples" in uses:
+            hp.update(sample_logps=st("xl") @ theta, sample_ref_logps=st("rl"), sample_mask=st("lmask"))
         return fn(pc, pr, rc, rr, **hp)[0]
     if kind == "unpaired":
         if "kl" in uses:
@@ -59,7 +61,14 @@ def micro_loss(fn, theta: torch.Tensor, rs: list[dict], running, step_kl):
         return fn(st("xc") @ theta, st("rc"), torch.tensor([x["label"] for x in rs]), **hp)[0]
     if kind == "listwise":
         ref = st("rl") if fn.needs_reference else None
+        if "list_lengths" in uses:
+            hp["lengths"] = st("ll")
         return fn(st("xl") @ theta, ref, st("scores"), mask=st("lmask"), **hp)[0]
+    if kind == "group":  # K on-policy samples per prompt; binary rewards (DisCO) are the scores' signs
+        if "list_lengths" in uses:
+            hp["lengths"] = st("ll")
+        rewards = (st("scores") > 0).double() if "group_kl" in uses else st("scores")
+        return fn(st("xl") @ theta, st("rl") if fn.needs_reference else None, rewards, mask=st("lmask"), **hp)[0]
     if kind == "token":
         return fn(st("xt_c") @ theta, st("xt_r") @ theta, st("rt_c"), st("rt_r"), st("tm_c"), st("tm_r"), **hp)[0]
     if kind == "negatives":

@@ -36,7 +36,7 @@ def call_pairwise(name, pc, pr, rc, rr, **kw):
     if "lengths" in fn.uses:
         kw.setdefault("chosen_lengths", torch.full_like(pc, 4.0))
         kw.setdefault("rejected_lengths", torch.full_like(pc, 4.0))
-    if name == "mm_dpo":
+    if "reward_margin" in fn.uses:  # mm_dpo, copg
         kw.setdefault("reward_margin", torch.zeros_like(pc))
     return fn(pc, pr, rc, rr, **kw)
 

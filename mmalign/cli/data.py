@@ -5,6 +5,7 @@
                       [--captioner BLIP_PATH|world:shapes] --out dual.parquet
     mmalign data rpo-pairs --subject DIR --model PIPELINE --out pairs.parquet [--per-prompt 16]
     mmalign data bdhs --model VLM (--data TABLE | --world-images N [--world shapes]) --out pairs.parquet
+    mmalign data relabel --data judged_pairs.jsonl --out augmented.jsonl [--chosen-score C --rejected-score R]
 """
 from __future__ import annotations
 
@@ -179,9 +180,42 @@ def cmd_bdhs(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ relabel
+
+def _relabel_args(r):
+    r.add_argument("--data", required=True, help="pairs with judge scores (.jsonl/.parquet/saved dataset)")
+    r.add_argument("--chosen-score", default="score_chosen")
+    r.add_argument("--rejected-score", default="score_rejected")
+    r.add_argument("--template", default=None, help="goal-conditioned prompt, with {prompt} and {score}")
+    r.add_argument("--out", required=True, help=".jsonl or .parquet")
+
+
+def cmd_relabel(args) -> int:
+    from mmalign.data.records import load_table
+    from mmalign.data.relabel import DEFAULT_TEMPLATE, reward_augment
+    from mmalign.utils import print_table
+
+    rows, rep = reward_augment(load_table(args.data).to_list(), args.chosen_score, args.rejected_score,
+                               args.template or DEFAULT_TEMPLATE, source=args.data)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(out))
+    else:
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print_table(["pairs in", "contradicting (dropped)", "ties (kept)", "rows out"],
+                [[rep["pairs"], rep["dropped_contradicting"], rep["ties_kept"], rep["rows_out"]]])
+    print(f"-> {out}")
+    return 0
+
+
 TOOLS = {
     "fifa": ("FiFA: keep the most informative, high-quality, diverse pairs", _fifa_args, cmd_fifa),
     "dcpo": ("DCPO: a caption for each image of a pair", _dcpo_args, cmd_dcpo),
     "rpo-pairs": ("RPO: reference-vs-generated pairs with lambda-harmonic Bernoulli labels", _rpo_args, cmd_rpo_pairs),
     "bdhs": ("BDHS: image-blinded rejected answers for VLM DPO, no annotation", _bdhs_args, cmd_bdhs),
+    "relabel": ("reward-augmented relabelling: each judged pair twice, goal-conditioned (arXiv 2410.08067)",
+                _relabel_args, cmd_relabel),
 }

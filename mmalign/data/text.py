@@ -34,7 +34,7 @@ def format_for_loss(fn) -> str:
     if getattr(fn, "data_format", "pairs") == "joint":
         return "joint"
     return {"pairwise": "pairs", "token": "pairs", "unpaired": "binary", "listwise": "ranked",
-            "negatives": "negatives"}[fn.kind]
+            "negatives": "negatives", "group": "ranked"}[fn.kind]  # online groups: completions + rewards as scores
 
 
 # ------------------------------------------------------------------ batches
@@ -72,6 +72,7 @@ class PairBatch(_Batch):
     seqs: Sequences  # [2B, T]: chosen rows then rejected rows
     index: Tensor  # [B] dataset rows
     reward_margin: Optional[Tensor] = None
+    prompts: Optional[list] = None  # the prompt text per pair (HyPO samples fresh completions for it)
 
     def __len__(self):
         return len(self.index)
@@ -192,6 +193,7 @@ class TextPreferenceData(torch.utils.data.Dataset):
         out = {"index": int(i)}
         if self.fmt == "pairs":
             out["seqs"] = [self.encode(r["prompt"], r["chosen"]), self.encode(r["prompt"], r["rejected"])]
+            out["prompt"] = r["prompt"]
         elif self.fmt == "joint":
             out["seqs"] = [self.encode(r["prompt_chosen"], r["chosen"]),
                            self.encode(r["prompt_rejected"], r["rejected"])]
@@ -225,7 +227,7 @@ class TextPreferenceData(torch.utils.data.Dataset):
         if self.fmt in ("pairs", "joint"):
             seqs = pad_sequences([it["seqs"][0] for it in items] + [it["seqs"][1] for it in items], self.pad)
             margin = torch.tensor([it["reward_margin"] for it in items]) if self.has_margin else None
-            return PairBatch(seqs, index, margin)
+            return PairBatch(seqs, index, margin, [it.get("prompt") for it in items])
         if self.fmt == "binary":
             seqs = pad_sequences([it["seqs"][0] for it in items], self.pad)
             p_ids, c_ids = [it["prompt_ids"] for it in items], [it["completion_ids"] for it in items]

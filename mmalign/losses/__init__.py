@@ -5,7 +5,7 @@
 
 See ``LOSSES`` for the calling convention of each ``kind``.
 """
-from . import listwise, pairwise, tokenwise, unpaired  # noqa: F401  (registers the losses)
+from . import group, listwise, pairwise, tokenwise, unpaired  # noqa: F401  (registers the losses)
 from ._common import DIVERGENCES, LOSSES, f_score
 from .pairwise import RunningMoments, mm_dpo_beta
 from .reduce import MetricSums, backward_loss

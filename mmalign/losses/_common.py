@@ -102,6 +102,7 @@ LOSSES: Registry = Registry("loss")
 
 kind       "pairwise" (pc, pr, rc, rr) | "unpaired" (policy, ref, labels) | "listwise" (policy[B,K], ref, labels)
            | "token" (per-token log-probs + completion masks) | "negatives" (D2O) | "policy_gradient"
+           | "group" (policy[B,K] of on-policy samples, ref[B,K] | None, rewards[B,K])
 uses       extra inputs the modality adapter supplies (keys of ``INPUTS``), e.g. ("lengths",) or ("kl",)
 supplied   the keyword arguments those inputs fill: never user hyper-parameters (the config layer reads this)
 needs_reference  False for reference-free objectives (SimPO, PRO): adapters skip the reference forward
@@ -117,8 +118,11 @@ INPUTS: dict[str, tuple[str, ...]] = {
     "kl": ("kl",),  # KTO's reference point z0, estimated from mismatched pairs of the whole step
     "token_weights": ("chosen_weights", "rejected_weights", "chosen_kl_weights", "rejected_kl_weights"),  # SparsePO
     "token_kl": ("chosen_kl", "rejected_kl"),  # per-token KL from full-vocabulary logits
+    "list_lengths": ("lengths",),  # [B, K] token counts of listwise responses (token-mean scores)
+    "online_samples": ("sample_logps", "sample_ref_logps", "sample_mask"),  # [B, K] fresh samples of the policy
+    "group_kl": ("kl",),  # a scalar KL estimate with its graph (DisCO's constraint)
 }
-KIND_INPUTS = {"listwise": ("mask",), "negatives": ("sample_mask",), "policy_gradient": ("mask",)}
+KIND_INPUTS = {"listwise": ("mask",), "negatives": ("sample_mask",), "policy_gradient": ("mask",), "group": ("mask",)}
 
 
 def register(name: str, kind: str = "pairwise", uses: tuple = (), needs_reference: bool = True,

@@ -343,6 +343,27 @@ def rpo(pc, pr, rc, rr, *, beta: float = 0.1, sft_weight: float = 1.0, chosen_le
     return loss + sft_weight * nll, metrics
 
 
+@register("copg", uses=("reward_margin",))
+def copg(pc, pr, rc, rr, *, beta: float = 0.1, reward_margin=None):
+    """CoPG, contrastive policy gradient (Flet-Berliac et al. 2024, arXiv 2406.19185, Sec. 4) on a pair
+    (y, y') with scalar rewards, off-policy:
+
+        L = (R(y) - R(y') - beta (rho(y) - rho(y')))^2 / (2 beta),     rho = log pi - log pi_ref
+
+    whose gradient is minus CoPG's update, (R_beta(y) - R_beta(y')) (grad log pi(y) - grad log pi(y'))
+    with R_beta = R - beta rho: the pair's other sample is the baseline. ``reward_margin`` = R(y) - R(y')
+    (any sign: the pair needs no preference order). With R(y) - R(y') = 1/2 it is (beta / 2) x the
+    unnormalised IPO loss (rho_w - rho_l - 1/(2 beta))^2 -- same minimiser, gradient scaled by beta / 2."""
+    if reward_margin is None:
+        raise ValueError("copg needs reward_margin: R(y) - R(y') for every pair (a 'reward_margin' column)")
+    rho_w, rho_l = log_ratios(pc, pr, rc, rr)
+    m = as_float(torch.as_tensor(reward_margin, device=rho_w.device)).to(rho_w.dtype)
+    if m.shape != rho_w.shape:
+        raise ValueError(f"copg: reward_margin shape {tuple(m.shape)} != scores shape {tuple(rho_w.shape)}")
+    loss = (m - beta * (rho_w - rho_l)) ** 2 / (2.0 * beta)
+    return loss, pair_metrics(beta * rho_w, beta * rho_l)
+
+
 def mm_dpo_beta(beta: float, reward_margin: Tensor, w: float = 0.5, k: float = 0.5) -> Tensor:
     """MM-DPO dynamic beta (MM-RLHF, Zhang et al. 2025, arXiv 2502.10391, Sec. 4.2):
     beta(delta) = beta * (1 + w (1 - exp(-k delta))), delta = clamp(reward margin, 0); in [beta, (1+w) beta].

@@ -111,3 +111,27 @@ def add_lora(model, lora):
                      target_modules=lora.target_modules or "all-linear",
                      init_lora_weights="gaussian" if lora.init == "gaussian" else True, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int = 16,
+                       temperature: float = 1.0, seed: int = 0, max_prompt_length: int | None = None) -> list[list[str]]:
+    """``k`` sampled completions per prompt from a causal LM (prompt i seeded with ``seed + i``), decoded
+    without special tokens and cut at the first newline-free EOS."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for i, p in enumerate(prompts):
+        ids = tokenizer(p, add_special_tokens=False, return_tensors="pt").input_ids
+        if max_prompt_length:
+            ids = ids[:, -max_prompt_length:]
+        ids = ids.to(dev)
+        torch.manual_seed(seed + i)
+        g = model.generate(input_ids=ids.expand(k, -1), attention_mask=torch.ones_like(ids).expand(k, -1),
+                           do_sample=True, temperature=temperature, top_k=None, top_p=None,
+                           max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+        out.append([tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in g])
+    model.train(was)
+    return out

@@ -5,8 +5,14 @@ branches on a loss *name*. The same scoring code serves VLMs and captioners (``m
 """
 from __future__ import annotations
 
-import torch
+import importlib
 
+import torch
+from accelerate.utils import set_seed
+
+from mmalign.config import ConfigError, to_dict
+from mmalign.data.prompts import load_prompts
+from mmalign.data.records import load_table
 from mmalign.data.text import (
     BinaryBatch,
     ListBatch,
@@ -14,12 +20,15 @@ from mmalign.data.text import (
     PairBatch,
     TextPreferenceData,
     format_for_loss,
+    pad_sequences,
 )
 from mmalign.losses import LOSSES, RunningMoments, activation_mask, kto_kl, token_kl
-from mmalign.models.lm import TokenLogps, build_causal_lm, completion_logps
+from mmalign.models.lm import TokenLogps, build_causal_lm, completion_logps, sample_completions
 from mmalign.models.reference import Reference, resolve_kind
+from mmalign.rewards.transform import reference_rewards, transformed_reward
 
-from .loop import StepOutput
+from .loop import StepOutput, make_accelerator
+from .online import best_worst_pairs, run_rounds
 from .recipe import RecipeBase, run_recipe
 from .sections import LMConfig
 
@@ -54,6 +63,8 @@ class LMRecipe(RecipeBase):
     def build_data(self, cfg, tokenizer):
         fmt = format_for_loss(self.loss_fn)
         d = cfg.data
+        if d.train is None:  # online rounds bring their own data
+            return None, None
         train = TextPreferenceData(d.train, fmt, tokenizer, d.max_length, d.max_prompt_length, d.split, d.columns)
         ev = (TextPreferenceData(d.eval, fmt, tokenizer, d.max_length, d.max_prompt_length, d.eval_split, d.columns,
                                  d.max_eval_examples) if d.eval else None)
@@ -64,8 +75,9 @@ class LMRecipe(RecipeBase):
     def describe(self) -> str:
         n = sum(p.numel() for p in self.policy.parameters())
         t = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
+        rows = len(self.train_data) if self.train_data is not None else 0
         return (f"lm/{self.cfg.loss.name} | {type(self.policy).__name__} {n / 1e6:.2f}M params "
-                f"({t / 1e6:.3f}M trainable) | reference {self.reference.kind} | {len(self.train_data)} rows")
+                f"({t / 1e6:.3f}M trainable) | reference {self.reference.kind} | {rows} rows")
 
     def begin_step(self, micro_batches: list):
         """KTO: the reference point z0 from mismatched pairs over *all* rows of this optimiser step (every
@@ -128,7 +140,7 @@ class LMRecipe(RecipeBase):
             return {"chosen": c, "rejected": r}
         if kind == "unpaired":
             return {"score": lp.sum()}
-        if kind == "listwise":
+        if kind in ("listwise", "group"):
             return {"list": lp.sum().view(len(batch), -1)}
         if kind == "negatives":
             k = batch.sample_mask.shape[1]
@@ -168,6 +180,8 @@ class LMRecipe(RecipeBase):
                 if batch.reward_margin is None:
                     raise ValueError(f"loss {self.cfg.loss.name!r} needs a 'reward_margin' column in the data")
                 extras["reward_margin"] = batch.reward_margin
+            if "online_samples" in fn.uses and split == "train":
+                extras.update(self._online_samples(batch, step))
             loss, m = fn(pc, pr, rc, rr, **hp, **extras)
         elif kind == "token":
             t_c, t_r = pol.logps.chunk(2)
@@ -196,12 +210,14 @@ class LMRecipe(RecipeBase):
                             rk = self._logps(ref, batch.kl_seqs).sum()
                     extras["kl"] = kto_kl(pk, rk, gather=self.acc.gather if self.acc.num_processes > 1 else None)
             loss, m = fn(pol_s, ref_s, batch.labels, **hp, **extras)
-        elif kind == "listwise":
+        elif kind in ("listwise", "group"):  # group: K on-policy samples per prompt, rewards as labels
             assert isinstance(batch, ListBatch)
             b = len(batch)
-            s = (pol.mean() if not fn.needs_reference else pol.sum()).view(b, -1)
+            s = (pol.mean() if not fn.needs_reference and "list_lengths" not in fn.uses else pol.sum()).view(b, -1)
             r = ref_tab["list"] if ref_tab else None
-            loss, m = fn(s, r, batch.labels, mask=batch.list_mask, **hp)
+            if "list_lengths" in fn.uses:
+                extras["lengths"] = pol.lengths().view(b, -1)
+            loss, m = fn(s, r, batch.labels, mask=batch.list_mask, **hp, **extras)
         elif kind == "negatives":
             assert isinstance(batch, NegativesBatch)
             b, k = batch.sample_mask.shape
@@ -211,6 +227,21 @@ class LMRecipe(RecipeBase):
         else:
             raise ValueError(f"unsupported loss kind {kind!r}")
         return StepOutput(loss, m)
+
+    def _online_samples(self, batch, step: int) -> dict:
+        """HyPO: K fresh samples of each pair's prompt from the current policy, scored by policy (with its
+        graph) and reference -- the on-policy estimate of KL(pi || pi_ref)."""
+        o = self.cfg.online
+        groups = sample_completions(self.policy, self.tokenizer, batch.prompts, o.samples, o.max_new_tokens,
+                                    o.temperature, seed=self.cfg.train.seed * 1_000_003 + step * 7_919,
+                                    max_prompt_length=self.cfg.data.max_prompt_length)
+        data = self.train_data
+        seqs = pad_sequences([data.encode(p, c) for p, cs in zip(batch.prompts, groups) for c in cs], data.pad)
+        seqs.to(self.acc.device)
+        pol = self._logps(self.model, seqs).sum().view(len(batch), -1)
+        with self.reference.context() as ref:
+            r = self._logps(ref, seqs).sum().view(len(batch), -1)
+        return {"sample_logps": pol, "sample_ref_logps": r}
 
     def _sparse_inputs(self, pol: TokenLogps, ref: TokenLogps) -> dict:
         out = {}
@@ -225,11 +256,85 @@ class LMRecipe(RecipeBase):
 
     # ------------------------------------------------------------------ evaluation and export
 
+    def evaluate(self, step: int) -> dict:
+        out = self.evaluate_pairs(self.eval_data, step)
+        o = self.cfg.online
+        if o is not None and o.eval_prompts and self.acc.is_main_process:  # the reward itself, on held-out prompts
+            reward = summed(load_rewards(o.reward))
+            ps = load_prompts(o.eval_prompts)
+            groups = sample_completions(self.policy, self.tokenizer, ps, o.eval_samples, o.max_new_tokens,
+                                        o.temperature, seed=12_345, max_prompt_length=self.cfg.data.max_prompt_length)
+            out["reward"] = sum(reward(p, y) for p, ys in zip(ps, groups) for y in ys) / (len(ps) * o.eval_samples)
+        return out
+
     def export(self, out_dir, card: dict | None = None):
         if self.acc.is_main_process:
             self.policy.save_pretrained(out_dir)
             self.tokenizer.save_pretrained(out_dir)
 
 
+def online_prompts(cfg: LMConfig) -> list[str]:
+    """The prompts of on-policy rounds: ``online.prompts`` (a file) or the distinct prompts of data.train."""
+    o = cfg.online
+    if o.prompts:
+        ps = load_prompts(o.prompts)
+    else:
+        ps = list(dict.fromkeys(load_table(cfg.data.train, cfg.data.split)["prompt"]))
+    return ps[: o.max_prompts]
+
+
+def load_callable(spec: str):
+    """``module:function`` -> the function (rewards for online rounds are user code)."""
+    module, _, name = spec.strip().partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"online.reward={spec!r}: cannot import it ({e})") from e
+
+
+def load_rewards(spec: str) -> list:
+    """``"mod:f + mod:g"`` -> [f, g]."""
+    return [load_callable(part) for part in spec.split("+")]
+
+
+def summed(rewards: list):
+    return lambda p, y: float(sum(r(p, y) for r in rewards))
+
+
+def group_rows(prompt, context, completions, scores) -> list[dict]:
+    """A whole group (DisCO, f-DPG) as a ranked-format row; empty completions are left out."""
+    keep = [(c, s) for c, s in zip(completions, scores) if c.strip()]
+    if len(keep) < 2:
+        return []
+    return [{"prompt": prompt, "completions": [c for c, _ in keep], "scores": [float(s) for _, s in keep]}]
+
+
 def run(cfg: LMConfig, accelerator=None):
-    return run_recipe(LMRecipe, cfg, accelerator)
+    if cfg.online is None or "online_samples" in cfg.loss.fn.uses:  # offline (HyPO samples inside its steps)
+        return run_recipe(LMRecipe, cfg, accelerator)
+    acc = accelerator or make_accelerator(cfg.train)
+    set_seed(cfg.train.seed)
+    recipe = LMRecipe(cfg, acc)
+    o, d = cfg.online, cfg.data
+    prompts = online_prompts(cfg)
+    rewards = load_rewards(o.reward)
+    plain = summed(rewards)
+    judge = lambda p, ctx, y: plain(p, y)  # noqa: E731
+    if o.reward_transform:  # r_ref(x) per reward from the base policy's samples, then sum_m log sigmoid(r_m - r_ref,m)
+        base = sample_completions(recipe.policy, recipe.tokenizer, prompts, o.samples, o.max_new_tokens,
+                                  o.temperature, seed=cfg.train.seed * 1000, max_prompt_length=d.max_prompt_length)
+        each = lambda p, y: [float(r(p, y)) for r in rewards]  # noqa: E731
+        ref = {p: reference_rewards(torch.tensor([[each(p, y) for y in ys]]), o.reference_quantile)[0]
+               for p, ys in zip(prompts, base)}
+        judge = lambda p, ctx, y: float(transformed_reward(torch.tensor([each(p, y)]), ref[p])[0])  # noqa: E731
+
+    def generate(ps, ctxs, k, seed):
+        return sample_completions(recipe.policy, recipe.tokenizer, ps, k, o.max_new_tokens, o.temperature, seed,
+                                  d.max_prompt_length)
+
+    fmt = format_for_loss(recipe.loss_fn)
+    return run_rounds(recipe, cfg, o, acc, generate, judge, prompts, [None] * len(prompts),
+                      make_data=lambda path: TextPreferenceData(str(path), fmt, recipe.tokenizer, d.max_length,
+                                                                d.max_prompt_length),
+                      rows_fn=best_worst_pairs if recipe.loss_fn.kind == "pairwise" else group_rows,
+                      config=to_dict(cfg))

@@ -188,7 +188,7 @@ class LMModelSection(PolicySource):
 
 @dataclass(kw_only=True)
 class TextDataSection:
-    train: str
+    train: Optional[str] = None
     """JSONL / JSON / parquet file or directory, a datasets.save_to_disk directory, or a hub dataset name"""
     eval: Optional[str] = None
     split: str = "train"
@@ -203,24 +203,66 @@ class TextDataSection:
 
 
 @dataclass(kw_only=True)
+class TextOnlineSection:
+    """On-policy rounds for text (``mmalign.train.online``): K samples per prompt from the current policy,
+    scored by ``reward``; pairwise losses train on best-vs-worst pairs (with the reward margin), group losses
+    (DisCO, f-DPG) on whole groups. HyPO instead samples inside every step (no rounds needed)."""
+
+    rounds: int = 2
+    prompts: Optional[str] = None
+    """a .txt / .jsonl / parquet file of prompts (prompt column); default: the prompts of data.train"""
+    max_prompts: Optional[int] = None
+    samples: int = 4
+    steps_per_round: int = 20
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    reward: str = ""
+    """a Python callable as "module:function", f(prompt, completion) -> float; several joined by "+" are
+    summed (each transformed first when ``reward_transform``: a logical AND of the rewards)"""
+    reward_transform: bool = False
+    """score with log sigmoid(r - r_ref(x)), r_ref = the ``reference_quantile`` of round 0's rewards for the
+    prompt (Wang et al. 2024, arXiv 2402.00742)"""
+    reference_quantile: float = 0.5
+    eval_prompts: Optional[str] = None
+    """held-out prompts: at each evaluation, the mean ``reward`` of ``eval_samples`` samples per prompt"""
+    eval_samples: int = 4
+
+    def validate(self):
+        if not all(":" in part for part in self.reward.split("+")):
+            raise ConfigError(f"online.reward must name callables as module:function (several joined by +), "
+                              f"got {self.reward!r}")
+
+
+@dataclass(kw_only=True)
 class LMConfig:
     """Preference training of a causal LM (``recipe: lm``)."""
 
     recipe: Literal["lm"] = "lm"
     model: LMModelSection
-    data: TextDataSection
+    data: TextDataSection = field(default_factory=TextDataSection)
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
     token_weights: Literal["mask", "sigmoid", "zn_rescale"] = "sigmoid"
     """sparse_po only: token weights from the reference's last hidden states (MaPO), or the plain mask"""
     token_kl: bool = True
     """sparse_po only: include the per-token KL term d"""
+    online: Optional[TextOnlineSection] = None
+    """on-policy rounds (online DPO, DisCO, f-DPG); HyPO also uses its samples / temperature settings"""
 
     runner = "mmalign.train.lm:run"
 
     def validate(self):
-        if self.loss.fn.kind not in ("pairwise", "token", "unpaired", "listwise", "negatives"):
-            raise ConfigError(f"recipe lm takes preference losses; {self.loss.name!r} is {self.loss.fn.kind}")
+        kind = self.loss.fn.kind
+        if kind not in ("pairwise", "token", "unpaired", "listwise", "negatives", "group"):
+            raise ConfigError(f"recipe lm takes preference losses; {self.loss.name!r} is {kind}")
+        if kind == "group" and self.online is None:
+            raise ConfigError(f"loss {self.loss.name!r} learns from groups of on-policy samples: set online "
+                              "(prompts, samples, reward)")
+        if "online_samples" in self.loss.fn.uses and self.online is None:
+            raise ConfigError(f"loss {self.loss.name!r} needs fresh policy samples each step: set online "
+                              "(samples, temperature, max_new_tokens; its reward is not used)")
+        if self.data.train is None and (self.online is None or "online_samples" in self.loss.fn.uses):
+            raise ConfigError("lm: set data.train (offline data), or online for on-policy rounds")
         check_loss_and_batching(self.loss, self.train)
 
 

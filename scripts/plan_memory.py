@@ -1,0 +1,216 @@
+"""GPU plan without a GPU: parameters, FLOPs per training step and an *estimated* peak GPU memory for
+Diffusion-DPO LoRA on SD1.5 / SDXL / SD3.5-medium / FLUX.1-dev, at 512 and 1024 px, with and without gradient
+checkpointing -- from the published model configs, on the meta device (no weights are downloaded).
+
+Method (an estimate, never a measurement):
+* parameters: the real diffusers / transformers classes built on ``torch.device("meta")`` from the published
+  configs (denoiser, VAE, text encoders); LoRA rank ``--rank`` on to_q / to_k / to_v / to_out.0 (peft).
+* FLOPs: ``torch.utils.flop_counter`` on a fake-tensor forward of the denoiser for one pair (2 images, winner
+  and loser); attention counted as 4 B H L S D. A LoRA step = policy forward + backward (input gradients only
+  through frozen weights: ~1x forward) + the reference forward (adapters off) = ~3x forward FLOPs.
+* memory: frozen weights in bf16 (denoiser; VAE and text encoders too unless ``--cache``, the latent + text
+  cache mmalign's LoRA configs use) + LoRA weights, gradients and AdamW states in fp32 + the tensors saved for
+  backward in bf16, counted with ``saved_tensors_hooks`` during the fake forward (deduplicated by storage;
+  attention saves q, k, v, out and the log-sum-exp, as flash / memory-efficient SDPA kernels do). With
+  gradient checkpointing: every checkpointed block keeps only its inputs, plus one block's activations while
+  it is recomputed. Plus 10% for the allocator and workspaces. The reference forward runs under no_grad and
+  adds only transient activations.
+
+    python scripts/plan_memory.py [--models sd15 sdxl sd35 flux --resolutions 512 1024 --rank 8]
+    python scripts/plan_memory.py --config configs/sdxl/diffusion_dpo_lora.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+GB = 1024 ** 3
+
+UNET_SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+UNET_SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=2048,
+                 attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280), use_linear_projection=True,
+                 transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+             pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=49408,
+              projection_dim=768)
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, vocab_size=49408,
+              projection_dim=1280)
+T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128,
+              feed_forward_proj="gated-gelu")
+VAE4 = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+VAE16 = dict(VAE4, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+
+MODELS = {  # denoiser kind, config, text encoders, VAE, text tokens
+    "sd15": ("unet", UNET_SD15, [("clip", CLIP_L)], VAE4, 77),
+    "sdxl": ("unet", UNET_SDXL, [("clip", CLIP_L), ("clip", CLIP_G)], VAE4, 77),
+    "sd35": ("sd3", SD35M, [("clip", CLIP_L), ("clip", CLIP_G), ("t5", T5_XXL)], VAE16, 333),
+    "flux": ("flux", FLUX_DEV, [("clip", CLIP_L), ("t5", T5_XXL)], VAE16, 512),
+}
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build(name: str, rank: int):
+    import diffusers
+    from peft import LoraConfig
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    kind, cfg, texts, vae_cfg, _ = MODELS[name]
+    with torch.device("meta"):
+        den = {"unet": diffusers.UNet2DConditionModel, "sd3": diffusers.SD3Transformer2DModel,
+               "flux": diffusers.FluxTransformer2DModel}[kind](**cfg)
+        frozen_other = count(diffusers.AutoencoderKL(**vae_cfg))
+        text_params = sum(count(CLIPTextModel(CLIPTextConfig(**c)) if k == "clip" else T5EncoderModel(T5Config(**c)))
+                          for k, c in texts)
+        base = count(den)
+        den.requires_grad_(False)
+        den.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian"))
+    lora = sum(p.numel() for p in den.parameters() if p.requires_grad)
+    return den, base, lora, frozen_other, text_params
+
+
+class _Flash(torch.autograd.Function):
+    """SDPA with the memory profile of flash / memory-efficient kernels: saves q, k, v, out and the LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # pragma: no cover - the plan never runs backward
+        q, k, v, *_ = ctx.saved_tensors
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
+def profile(name: str, resolution: int, rank: int) -> dict:
+    den, base, lora, vae, text = build(name, rank)
+    kind, cfg, texts, _, tokens = MODELS[name]
+    lat = resolution // 8
+    attn_flops = [0]
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        b, h, lq, d = q.shape
+        attn_flops[0] += 4 * b * h * lq * k.shape[-2] * d
+        return _Flash.apply(q, k, v)
+
+    saved, seen = [0], set()
+
+    def pack(x):
+        key = (id(x.untyped_storage()) if hasattr(x, "untyped_storage") else id(x))
+        if key not in seen and not isinstance(x, torch.nn.Parameter):
+            seen.add(key)
+            saved[0] += x.numel() * 2  # bf16 under autocast
+        return x
+
+    block_stats = []  # (input bytes, saved bytes) per checkpointable block
+    blocks = [m for m in den.modules() if type(m).__name__ in (
+        "BasicTransformerBlock", "ResnetBlock2D", "JointTransformerBlock", "FluxTransformerBlock",
+        "FluxSingleTransformerBlock", "Transformer2DModel")]
+    hooks = []
+    for m in blocks:
+        def pre(mod, args, kwargs, _m=m):
+            x = args[0] if args else next(iter(kwargs.values()))
+            _m._plan_start = saved[0]
+            _m._plan_in = x.numel() * 2 if torch.is_tensor(x) else 0
+
+        def post(mod, args, kwargs, out, _m=m):
+            block_stats.append((_m._plan_in, saved[0] - _m._plan_start, type(_m).__name__))
+        hooks += [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post, with_kwargs=True)]
+    real_sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = sdpa
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            b = 2  # one pair
+            if kind == "unet":
+                x = torch.randn(b, 4, lat, lat, device="meta")
+                kw = {"encoder_hidden_states": torch.randn(b, tokens, cfg["cross_attention_dim"], device="meta")}
+                if name == "sdxl":
+                    kw["added_cond_kwargs"] = {"text_embeds": torch.randn(b, 1280, device="meta"),
+                                               "time_ids": torch.randn(b, 6, device="meta")}
+                args = (x, torch.ones(b, device="meta"))
+            elif kind == "sd3":
+                args = ()
+                kw = {"hidden_states": torch.randn(b, 16, lat, lat, device="meta"),
+                      "encoder_hidden_states": torch.randn(b, tokens, 4096, device="meta"),
+                      "pooled_projections": torch.randn(b, 2048, device="meta"), "timestep": torch.ones(b, device="meta")}
+            else:
+                n = (lat // 2) ** 2
+                args = ()
+                kw = {"hidden_states": torch.randn(b, n, 64, device="meta"),
+                      "encoder_hidden_states": torch.randn(b, tokens, 4096, device="meta"),
+                      "pooled_projections": torch.randn(b, 768, device="meta"), "timestep": torch.ones(b, device="meta"),
+                      "guidance": torch.ones(b, device="meta"), "txt_ids": torch.zeros(tokens, 3, device="meta"),
+                      "img_ids": torch.zeros(n, 3, device="meta")}
+            with FlopCounterMode(display=False) as fc, torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                den(*args, **kw)
+            fwd = fc.get_total_flops() + attn_flops[0]
+    finally:
+        F.scaled_dot_product_attention = real_sdpa
+        for h in hooks:
+            h.remove()
+    outer = [s for s in block_stats if s[2] != "Transformer2DModel"]  # SD's Transformer2DModel wraps blocks
+    ckpt_saved = sum(i for i, _, _ in outer) + max((s for _, s, _ in outer), default=0) + \
+        max(0, saved[0] - sum(s for _, s, _ in outer))
+    return {"model": name, "resolution": resolution, "denoiser_params": base, "lora_params": lora,
+            "vae_params": vae, "text_params": text, "fwd_tflops_pair": fwd / 1e12, "step_tflops_pair": 3 * fwd / 1e12,
+            "activations_gb": saved[0] / GB, "activations_ckpt_gb": ckpt_saved / GB}
+
+
+def estimate(p: dict, cache: bool, ckpt: bool) -> float:
+    frozen = 2 * (p["denoiser_params"] + (0 if cache else p["vae_params"] + p["text_params"]))
+    trainable = 16 * p["lora_params"]  # fp32 weights + grads + two AdamW states
+    acts = (p["activations_ckpt_gb"] if ckpt else p["activations_gb"]) * GB
+    return 1.1 * (frozen + trainable + acts) / GB
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--no-cache", action="store_true", help="VAE and text encoders stay on the GPU (no latent cache)")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args()
+    from mmalign.utils import print_table
+
+    rows, out = [], []
+    for m in args.models:
+        for r in args.resolutions:
+            p = profile(m, r, args.rank)
+            a, b = estimate(p, not args.no_cache, False), estimate(p, not args.no_cache, True)
+            out.append({**p, "peak_gb": a, "peak_ckpt_gb": b})
+            rows.append([m, r, f"{p['denoiser_params'] / 1e9:.2f}B", f"{p['lora_params'] / 1e6:.1f}M",
+                         f"{(p['vae_params'] + p['text_params']) / 1e9:.2f}B", f"{p['step_tflops_pair']:.1f}",
+                         f"{a:.1f}", f"{b:.1f}"])
+    print(f"ESTIMATES (no GPU used): Diffusion-DPO LoRA r={args.rank}, one pair per GPU, bf16 frozen weights, "
+          f"{'VAE + text encoders on the GPU' if args.no_cache else 'latent + text cache (VAE, text encoders off the GPU)'}")
+    print_table(["model", "px", "denoiser", "LoRA", "VAE+text", "TFLOP/step", "peak GB", "peak GB (grad ckpt)"], rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
