@@ -1,29 +1,44 @@
-"""Diffusion-DPO step time and peak memory: a naive baseline vs mmalign's configured path, same run.
+"""Diffusion-DPO LoRA step time and peak memory: mmalign vs the way people run it today, same run.
 
-Baseline ("naive", written the way the public reference scripts do it -- Salesforce train.py):
-full UNet fine-tune with AdamW, a second full fp32 UNet as the reference, and every step the VAE
-encodes chosen and rejected images and the text encoder encodes the prompt.
+Paths (each repeat of each path is its own subprocess, so its peak memory -- CUDA max allocated, or peak RSS on
+CPU -- is its own; repeats are interleaved: peer, salesforce, mmalign, ..., peer, mmalign, ...; salesforce, the
+slowest by far, runs once):
 
-mmalign paths, through the real recipe and training loop (``mmalign.train.diffusion``):
-  lora         one UNet, LoRA adapters, reference = adapters disabled; cached latents + text embeddings
-  full+precomp full UNet fine-tune, reference precomputed before training (no second UNet in memory),
-               cached latents + embeddings
-Both put chosen and rejected through one forward and use SDPA; --gc adds gradient checkpointing,
---compile torch.compile, and on CUDA everything runs under bf16 autocast (the baseline too).
+  peer         the diffusers LoRA script's step (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py
+               with its README's flags): peft LoRA on to_q/k/v/out (rank 8, alpha = rank, gaussian init),
+               gradient checkpointing, every step decodes the pair's JPEGs (dataloader workers 0, its default),
+               vae.encode(...).latent_dist.sample() of winner and loser, text encoding, one forward of the
+               concatenated pair, a second forward with adapters disabled as the reference, clip grad norm 1,
+               AdamW (its --use_8bit_adam is CUDA-only); frozen weights in the training dtype.
+  salesforce   the original Salesforce train.py way: full UNet fine-tune, a frozen fp32 copy as the reference,
+               VAE + text encoding every step, same data decoding.
+  mmalign      ``configs/sd15/diffusion_dpo_lora.yaml`` as shipped (rank 8, gradient checkpointing, the latent +
+               text cache, reference = adapters disabled), through the real recipe and training loop; only
+               device-bound keys are changed on CPU (fp32, AdamW instead of 8-bit Adam). The cache is built by
+               the first repeat (its time is reported as ``cache_build_s``); later repeats reuse it, as every
+               later epoch and every later run on the same data does.
+  mmalign_precomputed   the same plus ``model.reference=precomputed, data.noise_draws=1``: reference scores
+               are computed once per pair before training, so the reference forward leaves the step.
 
-Each path runs in its own subprocess so peak memory (CUDA max allocated, or peak RSS on CPU) is its
-own. Prints a table, the ratios against the baseline, and one JSON line.
+Printed: a table, then one JSON line with speed_ratio_vs_peer, memory_ratio_vs_peer, speed_ratio_vs_salesforce
+(mmalign as shipped), the same for mmalign_precomputed, and ``first_pass_ratio_vs_peer``: the peer's step time
+over ours *plus* the per-step share of building the cache / precomputing the reference, i.e. the ratio for a
+single pass over data nobody has cached yet. Step times are medians over all timed steps of all repeats (each
+run warms up one step first).
 
-    python scripts/bench_diffusion_dpo.py --size sd15 --latent 32          # the CPU target (~4 min)
-    python scripts/bench_diffusion_dpo.py --size sd15 --latent 32 --paths naive,lora,full+precomp
-    python scripts/bench_diffusion_dpo.py --size sdxl --latent 128 --gc    # GPU, 1024 px
+    python scripts/bench_diffusion_dpo.py                                   # sd15 UNet, 16x16 latents, CPU
+    python scripts/bench_diffusion_dpo.py --latent 32 --steps 5 --repeats 1
+    python scripts/bench_diffusion_dpo.py --size sdxl --latent 128 --batch 4  # GPU, 1024 px
+    python scripts/bench_diffusion_dpo.py --profile mmalign                 # torch.profiler top ops of one step
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +50,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+PATHS = ("peer", "salesforce", "mmalign", "mmalign_precomputed")
 
 SIZES = {
     # UNet2DConditionModel configs of the real models (random weights), plus a tiny one
@@ -53,19 +69,18 @@ SIZES = {
 TEXT = {  # CLIP text encoders of the real models
     "tiny": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
     "sd15": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
-    "sdxl": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
     "sdxl2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                   projection_dim=1280, hidden_act="gelu"),
 }
 VAE = {"tiny": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32),
        "sd15": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32),
-       "sdxl": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32)}
+VAE["sdxl"] = VAE["sd15"]
 
 
 def components(size: str, latent: int):
+    """Components of the real model classes with the real model's configs, random weights."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -101,168 +116,284 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
-# ------------------------------------------------------------------ naive baseline (child process)
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def run_naive(size: str, latent: int, steps: int, batch: int) -> dict:
+# ------------------------------------------------------------------ the peers' steps (child process)
+
+
+def peer_loader(data: Path, px: int, batch: int, tok):
+    """Pick-a-Pic parquet -> (pixel pairs stacked on channels, token ids), decoded in the step as the peer does."""
+    import datasets
+    from PIL import Image
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Resize(px, interpolation=transforms.InterpolationMode.BILINEAR),
+                             transforms.CenterCrop(px), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                             transforms.Normalize([0.5], [0.5])])
+
+    def prep(ex):
+        cols = [[tf(Image.open(io.BytesIO(b)).convert("RGB")) for b in ex[c]] for c in ("jpg_0", "jpg_1")]
+        pv = []
+        for pair, label_0 in zip(zip(*cols), ex["label_0"]):
+            pv.append(torch.cat(pair[::-1] if label_0 == 0 else pair, dim=0))
+        ex["pixel_values"] = pv
+        ex["input_ids"] = list(tok(ex["caption"], max_length=tok.model_max_length, padding="max_length",
+                                   truncation=True, return_tensors="pt").input_ids)
+        return ex
+
+    ds = datasets.Dataset.from_parquet(str(data)).with_transform(prep)
+
+    def collate(exs):
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in exs]).float(),
+                "input_ids": torch.stack([e["input_ids"] for e in exs])}
+
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=0)
+
+
+def run_peer(args, full: bool) -> dict:
+    """``full=False``: the diffusers LoRA script; ``full=True``: Salesforce's full fine-tune + frozen copy."""
     import copy
 
     import torch.nn.functional as F
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    comp = components(size, latent)
-    unet = comp.unet.to(dev).train()
-    ref = copy.deepcopy(unet).eval().requires_grad_(False)  # a second full fp32 UNet
-    vae, te = comp.vae.to(dev).requires_grad_(False), comp.text_encoder.to(dev).requires_grad_(False)
-    te2 = comp.text_encoder_2.to(dev).requires_grad_(False) if comp.text_encoder_2 is not None else None
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-8)
-    px = image_px(size, latent)
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.rand(batch, 2, 3, px, px, generator=g).to(dev) * 2 - 1
-    ids = torch.randint(0, 49408, (batch, 77), generator=g).to(dev)
+    wdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    comp = components(args.size, args.latent)
+    unet, vae, te = comp.unet, comp.vae, comp.text_encoder
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    vae.to(dev, dtype=wdtype)
+    te.to(dev, dtype=wdtype)
+    if full:
+        ref = copy.deepcopy(unet).to(dev).eval()  # Salesforce keeps the reference in fp32
+        unet.requires_grad_(True).to(dev)
+        params = list(unet.parameters())
+    else:
+        from peft import LoraConfig
+
+        unet.to(dev, dtype=wdtype)
+        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    px = image_px(args.size, args.latent)
+    loader = peer_loader(Path(args.data), px, args.batch, comp.tokenizer)
+    sched, beta = comp.noise_scheduler, 5000.0
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    times = []
-    for step in range(steps + 1):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    times, it = [], iter(loader)
+    for step in range(args.steps + 1):
+        sync()
         t0 = time.perf_counter()
+        batch = next(it)
         with amp:
-            with torch.no_grad():  # encoded every step, chosen and rejected
-                lat = vae.encode(torch.cat([pixels[:, 0], pixels[:, 1]])).latent_dist.sample() * 0.18215
-                out = te(ids, output_hidden_states=True)
-                emb = out.last_hidden_state if te2 is None else torch.cat(
-                    [out.hidden_states[-2], te2(ids, output_hidden_states=True).hidden_states[-2]], -1)
-                emb = emb.repeat(2, 1, 1)
-            noise = torch.randn_like(lat[:batch]).repeat(2, 1, 1, 1)
-            t = torch.randint(0, 1000, (batch,), device=dev).repeat(2)
-            noisy = comp.noise_scheduler.add_noise(lat, noise, t)
-            kw = {}
-            if te2 is not None:
-                kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2 * batch, 1280, device=dev),
-                                           "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * 2 * batch, device=dev)}
-            pred = unet(noisy, t, encoder_hidden_states=emb, **kw).sample
+            pv = batch["pixel_values"].to(dev, dtype=wdtype)
+            feed = torch.cat(pv.chunk(2, dim=1))
             with torch.no_grad():
-                ref_pred = ref(noisy, t, encoder_hidden_states=emb, **kw).sample
-            mse = ((pred.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))
-            ref_mse = ((ref_pred.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))
-            mw, ml = mse.chunk(2)
-            rw, rl = ref_mse.chunk(2)
-            loss = -F.logsigmoid(-0.5 * 5000 * ((mw - ml) - (rw - rl))).mean()
+                lat = vae.encode(feed).latent_dist.sample() * vae.config.scaling_factor
+                emb = te(batch["input_ids"].to(dev))[0].repeat(2, 1, 1)
+            noise = torch.randn_like(lat).chunk(2)[0].repeat(2, 1, 1, 1)
+            t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0] // 2,), device=dev).repeat(2)
+            noisy = sched.add_noise(lat, noise, t)
+            pred = unet(noisy, t, emb).sample
+            mse = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+            if full:
+                with torch.no_grad():
+                    ref_pred = ref(noisy, t, emb).sample
+            else:
+                unet.disable_adapters()
+                with torch.no_grad():
+                    ref_pred = unet(noisy, t, emb).sample.detach()
+                unet.enable_adapters()
+            ref_mse = F.mse_loss(ref_pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+            (mw, ml), (rw, rl) = mse.chunk(2), ref_mse.chunk(2)
+            loss = -F.logsigmoid(-0.5 * beta * ((mw - ml) - (rw - rl))).mean()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        opt.zero_grad()
+        sync()
         times.append(time.perf_counter() - t0)
-    return {"sec_per_step": statistics.median(times[1:]), "peak_mb": peak_memory_mb(),
-            "trainable": sum(p.numel() for p in unet.parameters())}
+    return {"step_times": times[1:], "peak_mb": peak_memory_mb(), "trainable": sum(p.numel() for p in params)}
 
 
-# ------------------------------------------------------------------ mmalign path (child process)
+# ------------------------------------------------------------------ mmalign (child process)
 
 
-def run_mmalign(size: str, latent: int, steps: int, batch: int, mode: str, gc: bool, compile_: bool,
-                cache: bool = True) -> dict:
+def mmalign_config(args, precomputed: bool):
+    from mmalign.train.sections import load_config
+
+    cuda = torch.cuda.is_available()
+    work = Path(args.work)
+    over = [f"data.train={args.data}", "data.eval=null", f"data.cache_dir={work / 'cache'}",
+            f"data.resolution={image_px(args.size, args.latent)}", f"model.lora.r={args.rank}",
+            f"model.lora.alpha={args.rank}", f"train.output_dir={work / 'run'}", f"train.max_steps={args.steps + 1}",
+            f"train.batch_size={args.batch}", "train.grad_accum=1", "train.log_every=1", "train.progress=false",
+            "train.eval_every=0", "train.save_every=0", "train.report_to=[jsonl]", "train.num_workers=0",
+            "validation.prompts=[]"]
+    if not cuda:  # device-bound keys only: no bf16 matmuls / 8-bit Adam on this CPU
+        over += ["train.mixed_precision=no", "train.optimizer=adamw"]
+    if precomputed:
+        over += ["model.reference=precomputed", "data.noise_draws=1"]
+    return load_config(ROOT / "configs/sd15/diffusion_dpo_lora.yaml", over)
+
+
+def run_mmalign(args, precomputed: bool) -> dict:
     from accelerate import Accelerator
 
-    from mmalign.config import config_from_dict
-    from mmalign.toyworld.world import synthetic_pairs
-    from mmalign.diffusion.data import write_pickapic_parquet
-    from mmalign.train.sections import RECIPES
     from mmalign.train.diffusion import DiffusionRecipe
     from mmalign.train.loop import train
 
-    px = image_px(size, latent)
-    tmp = Path(tempfile.mkdtemp(prefix="mmalign-bench-"))
-    # exactly the rows the timed steps read: the cache build (part of setup, reported apart) stays small
-    write_pickapic_parquet(tmp / "pairs.parquet", synthetic_pairs(batch * (steps + 1), seed=0, image_size=px))
-    cuda = torch.cuda.is_available()
-    model = {"kind": "sdxl" if size == "sdxl" else "sd", "name_or_path": "unused", "gradient_checkpointing": gc,
-             "compile": compile_}
-    if mode == "lora":
-        model["lora"] = {"r": 8, "alpha": 8}
-    else:
-        model["reference"] = "precomputed"
-    cfg = config_from_dict({
-        "recipe": "diffusion", "model": model,
-        "data": {"train": str(tmp / "pairs.parquet"), "resolution": px,
-                 "cache_dir": str(tmp / "cache") if cache else None, "random_flip": False,
-                 **({"noise_draws": 1} if mode != "lora" else {})},
-        "loss": {"name": "dpo", "beta": 5000},
-        "train": {"output_dir": str(tmp / "run"), "max_steps": steps + 1, "batch_size": batch, "lr": 1e-8,
-                  "log_every": 1, "progress": False, "report_to": ["jsonl"], "max_grad_norm": None,
-                  "mixed_precision": "bf16" if cuda else "no"},
-    }, RECIPES)
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not cuda)
-    t_setup = time.perf_counter()
-    recipe = DiffusionRecipe(cfg, acc, components=components(size, latent))
-    setup = time.perf_counter() - t_setup  # includes building the latent/text cache and any precompute
-    if cuda:
+    cfg = mmalign_config(args, precomputed)
+    if args.size == "sdxl":
+        cfg.model.kind = "sdxl"
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    comp = components(args.size, args.latent)
+    cached = (Path(args.work) / "cache" / "train").exists()
+    t0 = time.perf_counter()
+    recipe = DiffusionRecipe(cfg, acc, components=comp)
+    setup = time.perf_counter() - t0  # building the cache (first run only) and precomputing reference scores
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     res = train(recipe, cfg.train, acc)
-    times = [r["train/sec_per_step"] for r in res.history][1:]
-    return {"sec_per_step": statistics.median(times), "peak_mb": peak_memory_mb(), "setup_s": setup,
+    return {"step_times": [r["train/sec_per_step"] for r in res.history][1:], "peak_mb": peak_memory_mb(),
+            "setup_s": setup, "cache_reused": cached,
             "trainable": sum(p.numel() for p in recipe.trainable_parameters())}
 
 
 def child(args) -> None:
     torch.manual_seed(0)
-    if args.path == "naive":
-        out = run_naive(args.size, args.latent, args.steps, args.batch)
+    if args.path in ("peer", "salesforce"):
+        out = run_peer(args, full=args.path == "salesforce")
     else:
-        out = run_mmalign(args.size, args.latent, args.steps, args.batch, args.path, args.gc, args.compile,
-                          not args.no_cache)
+        out = run_mmalign(args, precomputed=args.path == "mmalign_precomputed")
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def profile(args) -> None:
+    """torch.profiler over one warmed-up step of a path; prints the top ops by self CPU (or CUDA) time."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    args.steps = 0  # one step: the warm-up of run_* is the profiled step after a first untimed one
+    run = {"peer": lambda: run_peer(args, False), "salesforce": lambda: run_peer(args, True),
+           "mmalign": lambda: run_mmalign(args, False),
+           "mmalign_precomputed": lambda: run_mmalign(args, True)}[args.profile]
+    run()  # warm-up (and cache build)
+    with prof(activities=acts) as p:
+        run()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(p.key_averages().table(sort_by=key, row_limit=15))
+
+
+def launch(path: str, args, work: Path) -> dict:
+    cmd = [sys.executable, __file__, "--path", path, "--size", args.size, "--latent", str(args.latent),
+           "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank),
+           "--data", str(work / "pairs.parquet"), "--work", str(work / path)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode != 0 or not line:
+        return {"error": (p.stderr or p.stdout)[-1500:]}
+    out = json.loads(line[0][7:])
+    out["wall_s"] = time.perf_counter() - t0
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="sd15")
-    ap.add_argument("--latent", type=int, default=32, help="latent side (image side = 8x for SD VAEs)")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per path (after one warm-up step)")
+    ap.add_argument("--latent", type=int, default=16, help="latent side (image side = 8x for SD VAEs)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of every path")
     ap.add_argument("--batch", type=int, default=1, help="pairs per step")
-    ap.add_argument("--paths", default="naive,lora", help="comma list of naive, lora, full+precomp")
-    ap.add_argument("--gc", action="store_true", help="gradient checkpointing on the mmalign paths")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet on the mmalign paths")
-    ap.add_argument("--no-cache", action="store_true", help="mmalign paths encode images and text every step")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (the peer README's --rank=8)")
+    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--profile", choices=PATHS, help="profile one step of this path instead")
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.path:
         return child(args)
-    results = {}
-    for path in args.paths.split(","):
-        cmd = [sys.executable, __file__, "--path", path, "--size", args.size, "--latent", str(args.latent),
-               "--steps", str(args.steps), "--batch", str(args.batch)] + (["--gc"] if args.gc else []) + \
-              (["--compile"] if args.compile else []) + (["--no-cache"] if args.no_cache else [])
-        print(f"running {path} ...", flush=True)
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode != 0 or not line:
-            results[path] = {"error": (p.stderr or p.stdout)[-800:]}
-            print(f"  {path} failed:\n{results[path]['error']}", flush=True)
-            continue
-        results[path] = json.loads(line[0][7:])
-        results[path]["wall_s"] = time.perf_counter() - t0
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    base = results.get("naive", {})
-    print(f"\nDiffusion-DPO step, {args.size}-sized UNet, {args.latent}x{args.latent} latents, {args.batch} pair(s)/step, "
-          f"{device}{', grad ckpt' if args.gc else ''}{', compile' if args.compile else ''}"
-          f"{', no cache' if args.no_cache else ''}")
+    from mmalign.diffusion.data import write_pickapic_parquet
+    from mmalign.toyworld.world import synthetic_pairs
     from mmalign.utils import print_table
 
-    rows = []
-    for k, r in results.items():
-        if "error" in r:
-            rows.append([k, "failed", "", "", "", ""])
+    paths = args.paths.split(",")
+    work = Path(tempfile.mkdtemp(prefix="mmalign-bench-"))
+    px = image_px(args.size, args.latent)
+    rows = args.batch * (args.steps + 1)  # the rows one run reads: what the cache / precompute cover
+    write_pickapic_parquet(work / "pairs.parquet", synthetic_pairs(rows, seed=0, image_size=px))
+    if args.profile:
+        args.data, args.work = str(work / "pairs.parquet"), str(work / args.profile)
+        return profile(args)
+    t_all = time.perf_counter()
+    runs: dict[str, list[dict]] = {p: [] for p in paths}
+    for rep in range(args.repeats):
+        for path in paths:
+            if path == "salesforce" and rep > 0 and runs[path] and "error" not in runs[path][0]:
+                continue  # full fine-tuning is the slow path by far: one run of it is enough to place it
+            print(f"repeat {rep + 1}/{args.repeats}: {path} ...", flush=True)
+            r = launch(path, args, work)
+            if "error" in r:
+                print(f"  {path} failed:\n{r['error']}", flush=True)
+            runs[path].append(r)
+    shutil.rmtree(work, ignore_errors=True)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    summary = {}
+    for path, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            summary[path] = {"error": rs[0]["error"][-300:]}
             continue
-        sp = f"{base['sec_per_step'] / r['sec_per_step']:.2f}x" if "sec_per_step" in base else "-"
-        mem = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if "peak_mb" in base else "-"
-        rows.append([k, f"{r['sec_per_step']:.3f}", sp, f"{r['peak_mb']:.0f}", mem, f"{r['trainable'] / 1e6:.1f}M"])
-    print_table(["path", "s/step", "speed vs naive", "peak MB", "memory vs naive", "trainable"], rows)
-    print("JSON " + json.dumps({"size": args.size, "latent": args.latent, "batch": args.batch, "device": device,
-                                "gc": args.gc, "compile": args.compile, "cache": not args.no_cache,
-                                "results": results}))
+        times = [t for r in ok for t in r["step_times"]]
+        s = {"sec_per_step": statistics.median(times), "timed_steps": len(times),
+             "peak_mb": max(r["peak_mb"] for r in ok if r.get("cache_reused", True)) if any(
+                 r.get("cache_reused", True) for r in ok) else max(r["peak_mb"] for r in ok),
+             "peak_mb_first_run": ok[0]["peak_mb"], "trainable": ok[0]["trainable"]}
+        if "setup_s" in ok[0]:
+            s["cache_build_s"] = ok[0]["setup_s"] if not ok[0]["cache_reused"] else None
+            s["setup_s_reused"] = [r["setup_s"] for r in ok if r["cache_reused"]]
+            # one pass over uncached data: the first run's setup shared out over its steps
+            s["first_pass_sec_per_step"] = s["sec_per_step"] + ok[0]["setup_s"] / (args.steps + 1)
+        summary[path] = s
+    print(f"\nDiffusion-DPO LoRA step: {args.size}-sized UNet (real config, random weights), {px}x{px} images "
+          f"({args.latent}x{args.latent} latents), {args.batch} pair(s)/step, rank {args.rank}, {device}; "
+          f"median of {args.steps} timed steps x {args.repeats} interleaved runs")
+    peer, sf = summary.get("peer", {}), summary.get("salesforce", {})
+    table = []
+    for path, s in summary.items():
+        if "error" in s:
+            table.append([path, "failed", "", "", "", "", ""])
+            continue
+        vs = lambda b, k: f"{b[k] / s[k]:.2f}x" if k in b else "-"  # noqa: E731
+        mem = f"{s['peak_mb'] / peer['peak_mb']:.2f}x" if "peak_mb" in peer else "-"
+        first = f"{peer['sec_per_step'] / s['first_pass_sec_per_step']:.2f}x" if "first_pass_sec_per_step" in s \
+            and "sec_per_step" in peer else "-"
+        table.append([path, f"{s['sec_per_step']:.2f}", vs(peer, "sec_per_step"), vs(sf, "sec_per_step"), first,
+                      f"{s['peak_mb']:.0f}", mem])
+    print_table(["path", "s/step", "speed vs peer", "speed vs salesforce", "first pass vs peer", "peak MB",
+                 "memory vs peer"], table)
+    out = {"size": args.size, "latent": args.latent, "batch": args.batch, "rank": args.rank, "device": device,
+           "total_s": round(time.perf_counter() - t_all, 1), "paths": summary}
+    for name in ("mmalign", "mmalign_precomputed"):
+        s, suffix = summary.get(name, {}), "" if name == "mmalign" else "_precomputed"
+        if "sec_per_step" not in s:
+            continue
+        if "sec_per_step" in peer:
+            out[f"speed_ratio_vs_peer{suffix}"] = round(peer["sec_per_step"] / s["sec_per_step"], 3)
+            out[f"memory_ratio_vs_peer{suffix}"] = round(s["peak_mb"] / peer["peak_mb"], 3)
+            out[f"first_pass_ratio_vs_peer{suffix}"] = round(peer["sec_per_step"] / s["first_pass_sec_per_step"], 3)
+        if "sec_per_step" in sf:
+            out[f"speed_ratio_vs_salesforce{suffix}"] = round(sf["sec_per_step"] / s["sec_per_step"], 3)
+    print("JSON " + json.dumps(out))
 
 
 if __name__ == "__main__":

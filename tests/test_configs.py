@@ -80,3 +80,11 @@ def test_one_shared_model_source_section(recipe):
         assert issubclass(model_t, PolicySource)
         with pytest.raises(ConfigError, match="peft needs model.lora"):
             model_t(tiny={}, reference="peft").validate()
+
+
+def test_yaml_no_is_read_as_the_choice_no():
+    """YAML 1.1 reads `no` as False; a Literal field that offers "no" takes it as "no" (mixed_precision=no)."""
+    from mmalign.train.sections import load_config
+
+    cfg = load_config("configs/tiny/diffusion_dpo.yaml", ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"

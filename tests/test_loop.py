@@ -129,3 +129,25 @@ def test_step0_loss_is_ln2_and_logs(tmp_path):
     res = train(r, cfg(tmp_path, max_steps=1, lr=1e-12), Accelerator())
     assert res.history[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert res.history[0]["train/reward_accuracy"] == pytest.approx(0.5)
+
+
+class NaNGradRecipe(ToyRecipe):
+    """Finite loss, NaN gradient at one step (sqrt at 0: value 0, slope inf, times 0)."""
+
+    def compute(self, batch, step=0, split="train"):
+        out = super().compute(batch, step, split)
+        if step == 2:
+            w = next(self.model.parameters())
+            out.loss = out.loss + torch.sqrt(0.0 * w.sum())
+        return out
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_nan_gradient_with_finite_loss_is_caught(tmp_path, clip):
+    """No clipping must not mean no check: a finite loss with a NaN gradient never reaches the weights."""
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient at step 3"):
+        train(NaNGradRecipe(), cfg(tmp_path / "e", max_steps=5, max_grad_norm=clip), Accelerator())
+    r = NaNGradRecipe()
+    res = train(r, cfg(tmp_path / "s", max_steps=5, max_grad_norm=clip, nan_policy="skip"), Accelerator())
+    assert res.skipped_steps == 1
+    assert torch.isfinite(weights(r)).all()

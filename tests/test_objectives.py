@@ -55,9 +55,16 @@ def test_irpo_limits_and_permutation():
     a, _ = LOSSES["irpo"](pol, ref, rel, beta=0.7)
     b, _ = LOSSES["irpo"](pol[:, perm], ref[:, perm], rel[:, perm], beta=0.7)
     torch.testing.assert_close(a, b)  # a list is a set: order does not matter
-    up = pol.clone()
-    up[0, 0] += 1.0  # raise the most relevant item: the loss falls
-    assert LOSSES["irpo"](up, ref, rel, beta=0.7)[0] < a
+    # at pi = pi_ref, dL/dr_i = 0.5 (mean_{j != i} w_j - w_i) / N: raising the most relevant item
+    # (largest gain) lowers the loss and raising the least relevant (gain 0) raises it. Away from pi_ref the
+    # sign can flip (raising item i also raises every other item's log-sum-exp), so the check sits at pi_ref.
+    for i, sign in ((0, -1), (2, 1)):
+        up = same.clone()
+        up[0, i] += 1e-3
+        delta = LOSSES["irpo"](up, same, rel, beta=0.7)[0] - loss
+        expect = 0.5 * 0.7e-3 * (torch.cat([w[0, :i], w[0, i + 1:]]).mean() - w[0, i]) / 4
+        assert torch.sign(delta) == sign
+        torch.testing.assert_close(delta, expect.view(1), rtol=1e-2, atol=0)
     lengths = t(2, 4, 4, 8).view(1, 4)
     c, _ = LOSSES["irpo"](pol, ref, rel, beta=0.7, lengths=lengths)
     d, _ = LOSSES["irpo"](pol / lengths, ref / lengths, rel, beta=0.7)

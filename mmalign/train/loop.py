@@ -83,6 +83,12 @@ class ResumableBatches(torch.utils.data.Sampler):
         return 2**62
 
 
+def grads_finite(model) -> bool:
+    """True when every gradient of ``model`` is finite (one fused reduction, no host sync per tensor)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0)))
+
+
 def make_accelerator(cfg: TrainSection, **kw):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -307,18 +313,21 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    grads_bad = not math.isfinite(float(grad_norm))
+                else:  # no clipping still means no silent inf/NaN weights: check every rank's gradients
+                    grads_bad = bool(reduce_sum(torch.tensor([float(not grads_finite(model))]))[0] > 0)
                 bad = bool(reduce_sum(torch.tensor([float(bad_local)]))[0] > 0) or empty_step
-                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                if grads_bad:
                     if cfg.nan_policy == "error":
                         save(step)
-                        raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}; state of step "
+                        raise NonFiniteLossError(f"non-finite gradient at step {step + 1}; state of step "
                                                  f"{step} saved to {result.last_checkpoint}")
                     bad = True
                 if bad:
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     result.skipped_steps = skipped
-                    acc.print(f"step {step + 1}: {'no readable rows' if empty_step else 'non-finite loss'}, "
+                    acc.print(f"step {step + 1}: {'no readable rows' if empty_step else 'non-finite loss/gradient'}, "
                               f"step skipped ({skipped} so far)")
                     if skipped > cfg.max_skipped_steps and not empty_step:
                         raise NonFiniteLossError(f"{skipped} steps skipped for non-finite loss "
