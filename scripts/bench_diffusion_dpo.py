@@ -79,8 +79,10 @@ VAE = {"tiny": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderB
 VAE["sdxl"] = VAE["sd15"]
 
 
-def components(size: str, latent: int):
-    """Components of the real model classes with the real model's configs, random weights."""
+def components(size: str, latent: int, model_dir: str | None = None):
+    """Components of the real model classes with the real model's configs, random weights. With ``model_dir``
+    they are loaded with ``from_pretrained`` from a folder the parent wrote once (random init of an 860M UNet
+    costs ~19 s on 2 cores; loading, as every user and the peer script do, ~2 s)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -89,6 +91,18 @@ def components(size: str, latent: int):
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(TINY_CLIP_TOKENIZER))
     tok.model_max_length = 77
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                          clip_sample=False)
+    kind = "sdxl" if size == "sdxl" else "sd"
+    if model_dir and (Path(model_dir) / "unet").exists():
+        d = Path(model_dir)
+        comp = Components(kind, UNet2DConditionModel.from_pretrained(d / "unet"),
+                          AutoencoderKL.from_pretrained(d / "vae"), CLIPTextModel.from_pretrained(d / "text_encoder"),
+                          tok, sched)
+        if size == "sdxl":
+            comp.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(d / "text_encoder_2")
+            comp.tokenizer_2 = tok
+        return comp
 
     def te_cfg(kind):
         return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
@@ -96,13 +110,15 @@ def components(size: str, latent: int):
 
     unet = UNet2DConditionModel(sample_size=latent, **SIZES[size])
     vae = AutoencoderKL(latent_channels=4, **VAE[size])
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                          clip_sample=False)
     te = CLIPTextModel(te_cfg("sd15" if size == "sdxl" else size))
-    comp = Components("sdxl" if size == "sdxl" else "sd", unet, vae, te, tok, sched)
+    comp = Components(kind, unet, vae, te, tok, sched)
     if size == "sdxl":
         comp.text_encoder_2 = CLIPTextModelWithProjection(te_cfg("sdxl2"))
         comp.tokenizer_2 = tok
+    if model_dir:
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if getattr(comp, name, None) is not None:
+                getattr(comp, name).save_pretrained(Path(model_dir) / name)
     return comp
 
 
@@ -153,7 +169,7 @@ def peer_loader(data: Path, px: int, batch: int, tok):
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=0)
 
 
-def run_peer(args, full: bool) -> dict:
+def run_peer(args, full: bool, hook=None) -> dict:
     """``full=False``: the diffusers LoRA script; ``full=True``: Salesforce's full fine-tune + frozen copy."""
     import copy
 
@@ -161,7 +177,7 @@ def run_peer(args, full: bool) -> dict:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     wdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    comp = components(args.size, args.latent)
+    comp = components(args.size, args.latent, args.model_dir)
     unet, vae, te = comp.unet, comp.vae, comp.text_encoder
     for m in (unet, vae, te):
         m.requires_grad_(False)
@@ -220,6 +236,8 @@ def run_peer(args, full: bool) -> dict:
         opt.zero_grad()
         sync()
         times.append(time.perf_counter() - t0)
+        if hook is not None:
+            hook()
     return {"step_times": times[1:], "peak_mb": peak_memory_mb(), "trainable": sum(p.numel() for p in params)}
 
 
@@ -244,7 +262,7 @@ def mmalign_config(args, precomputed: bool):
     return load_config(ROOT / "configs/sd15/diffusion_dpo_lora.yaml", over)
 
 
-def run_mmalign(args, precomputed: bool) -> dict:
+def run_mmalign(args, precomputed: bool, hook=None) -> dict:
     from accelerate import Accelerator
 
     from mmalign.train.diffusion import DiffusionRecipe
@@ -254,14 +272,14 @@ def run_mmalign(args, precomputed: bool) -> dict:
     if args.size == "sdxl":
         cfg.model.kind = "sdxl"
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
-    comp = components(args.size, args.latent)
+    comp = components(args.size, args.latent, args.model_dir)
     cached = (Path(args.work) / "cache" / "train").exists()
     t0 = time.perf_counter()
     recipe = DiffusionRecipe(cfg, acc, components=comp)
     setup = time.perf_counter() - t0  # building the cache (first run only) and precomputing reference scores
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    res = train(recipe, cfg.train, acc)
+    res = train(recipe, cfg.train, acc, on_step=(lambda step, rec: hook()) if hook else None)
     return {"step_times": [r["train/sec_per_step"] for r in res.history][1:], "peak_mb": peak_memory_mb(),
             "setup_s": setup, "cache_reused": cached,
             "trainable": sum(p.numel() for p in recipe.trainable_parameters())}
@@ -277,17 +295,16 @@ def child(args) -> None:
 
 
 def profile(args) -> None:
-    """torch.profiler over one warmed-up step of a path; prints the top ops by self CPU (or CUDA) time."""
-    from torch.profiler import ProfilerActivity, profile as prof
+    """torch.profiler over the second step of a path only (after the setup, cache build and a warm-up step);
+    prints the top ops by self CPU (or CUDA) time."""
+    from torch.profiler import ProfilerActivity, profile as prof, schedule
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    args.steps = 0  # one step: the warm-up of run_* is the profiled step after a first untimed one
-    run = {"peer": lambda: run_peer(args, False), "salesforce": lambda: run_peer(args, True),
-           "mmalign": lambda: run_mmalign(args, False),
-           "mmalign_precomputed": lambda: run_mmalign(args, True)}[args.profile]
-    run()  # warm-up (and cache build)
-    with prof(activities=acts) as p:
-        run()
+    args.steps = 1  # two steps: the first (and everything before it) is skipped, the second is recorded
+    with prof(activities=acts, schedule=schedule(wait=1, warmup=0, active=1)) as p:
+        {"peer": lambda: run_peer(args, False, p.step), "salesforce": lambda: run_peer(args, True, p.step),
+         "mmalign": lambda: run_mmalign(args, False, p.step),
+         "mmalign_precomputed": lambda: run_mmalign(args, True, p.step)}[args.profile]()
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(p.key_averages().table(sort_by=key, row_limit=15))
 
@@ -295,7 +312,7 @@ def profile(args) -> None:
 def launch(path: str, args, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--path", path, "--size", args.size, "--latent", str(args.latent),
            "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank),
-           "--data", str(work / "pairs.parquet"), "--work", str(work / path)]
+           "--data", str(work / "pairs.parquet"), "--work", str(work / path), "--model-dir", str(work / "model")]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -319,6 +336,7 @@ def main():
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.path:
         return child(args)
@@ -331,6 +349,8 @@ def main():
     px = image_px(args.size, args.latent)
     rows = args.batch * (args.steps + 1)  # the rows one run reads: what the cache / precompute cover
     write_pickapic_parquet(work / "pairs.parquet", synthetic_pairs(rows, seed=0, image_size=px))
+    args.model_dir = str(work / "model")
+    components(args.size, args.latent, args.model_dir)  # random weights written once, loaded by every run
     if args.profile:
         args.data, args.work = str(work / "pairs.parquet"), str(work / args.profile)
         return profile(args)
@@ -355,6 +375,7 @@ def main():
             continue
         times = [t for r in ok for t in r["step_times"]]
         s = {"sec_per_step": statistics.median(times), "timed_steps": len(times),
+             "step_times": [round(t, 2) for t in times],
              "peak_mb": max(r["peak_mb"] for r in ok if r.get("cache_reused", True)) if any(
                  r.get("cache_reused", True) for r in ok) else max(r["peak_mb"] for r in ok),
              "peak_mb_first_run": ok[0]["peak_mb"], "trainable": ok[0]["trainable"]}

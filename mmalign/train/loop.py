@@ -83,6 +83,11 @@ class ResumableBatches(torch.utils.data.Sampler):
         return 2**62
 
 
+def engine_label(acc) -> str:
+    """' (FSDP)', ' (DEEPSPEED)', ' (MULTI_CPU)', ... for multi-process runs; '' for one process."""
+    return "" if acc.num_processes == 1 else f" ({acc.distributed_type.name})"
+
+
 def grads_finite(model) -> bool:
     """True when every gradient of ``model`` is finite (one fused reduction, no host sync per tensor)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -107,9 +112,47 @@ def make_accelerator(cfg: TrainSection, **kw):
     # Without CUDA, run on CPU explicitly: then any launcher that sets WORLD_SIZE/LOCAL_RANK
     # (``accelerate launch --multi_gpu --num_processes 2``, ``torchrun``) gives gloo multi-CPU training.
     kw.setdefault("cpu", not torch.cuda.is_available())
-    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with or None,
-                       project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
-                       **kw)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with or None,
+                      project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
+                      **kw)
+    _engine_as_launched(acc)
+    return acc
+
+
+def _engine_as_launched(acc) -> None:
+    """Refuse to run plain data parallel when the launch asked for FSDP / DeepSpeed.
+
+    accelerate builds FSDP and DeepSpeed states only for accelerator devices: on a machine without one,
+    ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` starts gloo processes whose state is
+    MULTI_CPU (``accelerate/state.py``: the FSDP branch is taken for MULTI_GPU/NPU/XPU/... only, DeepSpeed
+    requires ``not cpu``), i.e. unsharded DDP -- silently. That is an error here, unless
+    ``MMALIGN_FSDP_ON_CPU=1``: then the state is switched to accelerate's own FSDP path with the plugin the
+    launch configured (FSDP2 runs on CPU with gloo), which is how the test-suite exercises sharded
+    preparation, checkpointing and export without a GPU."""
+    import os
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from mmalign.config import ConfigError
+
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    wants_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if acc.distributed_type != DistributedType.MULTI_CPU or not (wants_fsdp or wants_ds):
+        return
+    if wants_fsdp and os.environ.get("MMALIGN_FSDP_ON_CPU") == "1":
+        from accelerate.state import PartialState
+
+        state = acc.state
+        state.fsdp_plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()  # launch env
+        # every AcceleratorState() re-reads PartialState's shared dict: switch both
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        return
+    engine = "FSDP" if wants_fsdp else "DeepSpeed"
+    raise ConfigError(
+        f"the launch asked for {engine}, but accelerate runs {engine} on accelerator devices only: on this "
+        "CPU-only machine it would fall back to unsharded data parallel without saying so. Use "
+        "configs/accelerate/cpu_2proc.yaml (or `accelerate launch --multi_gpu --num_processes N`) on CPU"
+        + ("; MMALIGN_FSDP_ON_CPU=1 runs accelerate's FSDP2 path on CPU (gloo) for testing" if wants_fsdp else ""))
 
 
 def build_optimizer(params, cfg: TrainSection, lr: float):
@@ -231,7 +274,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     if acc.is_main_process:
         acc.print(f"training {recipe.describe()} | lr {lr:.3g}{' (scaled)' if cfg.scale_lr else ''} | "
                   f"global batch {cfg.batch_size * cfg.grad_accum * world} = {cfg.batch_size} x {cfg.grad_accum} "
-                  f"accum x {world} proc | {cfg.max_steps} steps")
+                  f"accum x {world} proc{engine_label(acc)} | {cfg.max_steps} steps")
     if acc.log_with:
         acc.init_trackers("mmalign", config=_flat_scalars(config or {}))
     metrics_file = out_dir / "metrics.jsonl"

@@ -166,6 +166,30 @@ class RecipeBase:
         pass
 
 
+def gather_for_export(model, acc) -> None:
+    """Under FSDP2 the parameters are shards (DTensors). Training is over when this runs: replace every
+    sharded parameter by its full tensor (``full_tensor()``, a collective every process enters in the same
+    module order; tied parameters stay tied) and give the modules back their own classes, so the export on
+    the main process sees an ordinary model (``save_pretrained``, peft/diffusers LoRA state dicts). A no-op
+    for DDP and one process; DeepSpeed ZeRO-2 keeps whole parameters."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    full = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if isinstance(p, DTensor):
+                if id(p) not in full:
+                    full[id(p)] = torch.nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+                mod._parameters[name] = full[id(p)]
+        if isinstance(mod, FSDPModule):
+            mod.__class__ = next(b for b in type(mod).__bases__ if b is not FSDPModule)
+
+
 def run_recipe(recipe_cls, cfg, accelerator=None, summary: bool = False, **kwargs) -> TrainResult:
     """Build ``recipe_cls(cfg, accelerator, **kwargs)``, train, export ``<output_dir>/final`` with the last
     evaluation in its card (and ``summary.json`` when asked); ``result.recipe`` is the trained recipe."""
@@ -175,6 +199,7 @@ def run_recipe(recipe_cls, cfg, accelerator=None, summary: bool = False, **kwarg
     result = train(recipe, cfg.train, acc, config=to_dict(cfg))
     final = eval_summary(result, acc)
     out = Path(cfg.train.output_dir) / "final"
+    gather_for_export(recipe.model, acc)
     recipe.export(out, card=final)
     if summary and acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
