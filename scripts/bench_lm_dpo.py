@@ -7,6 +7,9 @@ on the shipped toy preference pairs, with AdamW, for the same number of optimise
          ``mmalign.train.loop.train``), after one warm-up step, including data loading and logging
   core   one forward + backward of the loss on an identical batch (TRL ``_compute_loss`` vs our
          ``LMRecipe.compute``), median over repeats
+  memory peak memory of training, each trainer in its own subprocess: CUDA max allocated, or on CPU the
+         peak growth of resident memory over the process's size just before ``train()`` (sampled every
+         2 ms), so the Python/torch/TRL import footprint, equal-ish for both, does not dilute the ratio
 
     python scripts/bench_lm_dpo.py [--layers 6 --width 384 --batch 8 --steps 30]
 """
@@ -17,7 +20,9 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -129,6 +134,74 @@ def time_core(base, tok, rows, batch, repeats=10):
     return {k: statistics.median(v[1:]) for k, v in res.items()}
 
 
+class PeakRSS:
+    """Peak resident memory above the size at ``__enter__`` (CPU), or CUDA max allocated, while in the block."""
+
+    def __enter__(self):
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.peak = self._rss()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self.done.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.done.set()
+            self.thread.join()
+            self.mb = (max(self.peak, self._rss()) - self.base) / 2**20
+
+
+def memory_child(name: str, layers: int, width: int, heads: int, batch: int, steps: int) -> None:
+    """One trainer, one process: print its training peak memory (MB) as ``MEM <mb>``."""
+    import tempfile
+
+    from mmalign.models.lm import load_tokenizer
+    from mmalign.train.loop import train
+
+    tok = load_tokenizer(None)
+    rows = [json.loads(x) for x in open(DATA)][: max(512, batch * (steps + 2))]
+    m = make_model(tok, layers, width, heads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if name == "trl":
+            tr = trl_trainer(m, tok, rows, batch, steps, tmp)
+            with PeakRSS() as p:
+                tr.train()
+        else:
+            recipe, cfg = ours(m, tok, batch, steps, tmp)
+            with PeakRSS() as p:
+                train(recipe, cfg.train, recipe.acc)
+    print(f"MEM {p.mb:.1f}", flush=True)
+
+
+def measure_memory(args) -> dict:
+    out = {}
+    for name in ("mmalign", "trl"):
+        r = subprocess.run([sys.executable, __file__, "--memory-child", name, "--layers", str(args.layers),
+                            "--width", str(args.width), "--heads", str(args.heads), "--batch", str(args.batch),
+                            "--steps", str(min(args.steps, 10))], capture_output=True, text=True)
+        line = [x for x in r.stdout.splitlines() if x.startswith("MEM ")]
+        out[name] = float(line[0][4:]) if line else float("nan")
+        if not line:
+            print(f"memory run of {name} failed:\n{r.stderr[-1500:]}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=6)
@@ -136,7 +209,10 @@ def main():
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--memory-child", choices=["mmalign", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.layers, args.width, args.heads, args.batch, args.steps)
     import tempfile
 
     import trl
@@ -150,6 +226,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         loops = time_loops(base, tok, rows, args.batch, args.steps, tmp)
     core = time_core(base, tok, rows, args.batch)
+    mem = measure_memory(args)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     n = sum(p.numel() for p in base.parameters())
     print(f"\nText DPO, GPT-2 {args.layers}x{args.width} ({n / 1e6:.1f}M params), batch {args.batch} pairs, "
@@ -159,8 +236,13 @@ def main():
                   f"{loops['trl'] / loops['mmalign']:.2f}x"],
                  ["core: loss fwd+bwd", f"{core['mmalign']:.4f}", f"{core['trl']:.4f}",
                   f"{core['trl'] / core['mmalign']:.2f}x"]])
+    print_table(["peak training memory (MB)", "mmalign", "TRL", "mmalign / TRL"],
+                [["CUDA max allocated" if torch.cuda.is_available() else "RSS growth during train()",
+                  f"{mem['mmalign']:.0f}", f"{mem['trl']:.0f}", f"{mem['mmalign'] / mem['trl']:.2f}x"]])
     print("JSON " + json.dumps({"device": device, "params": n, "batch": args.batch, "steps": args.steps,
-                                "trl": trl.__version__, "loop": loops, "core": core}))
+                                "trl": trl.__version__, "loop": loops, "core": core, "peak_mb": mem,
+                                "speed_ratio_vs_trl": round(loops["trl"] / loops["mmalign"], 3),
+                                "memory_ratio_vs_trl": round(mem["mmalign"] / mem["trl"], 3)}))
 
 
 if __name__ == "__main__":
