@@ -2,7 +2,7 @@
 
 Paths (each repeat of each path is its own subprocess, so its peak memory -- CUDA max allocated, or peak RSS on
 CPU -- is its own; repeats are interleaved: peer, salesforce, mmalign, ..., peer, mmalign, ...; salesforce, the
-slowest by far, runs once):
+slowest by far, runs once, with at most 2 timed steps):
 
   peer         the diffusers LoRA script's step (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py
                with its README's flags): peft LoRA on to_q/k/v/out (rank 8, alpha = rank, gaussian init),
@@ -311,7 +311,8 @@ def profile(args) -> None:
 
 def launch(path: str, args, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--path", path, "--size", args.size, "--latent", str(args.latent),
-           "--steps", str(args.steps), "--batch", str(args.batch), "--rank", str(args.rank),
+           "--steps", str(min(args.steps, 2) if path == "salesforce" else args.steps), "--batch", str(args.batch),
+           "--rank", str(args.rank),
            "--data", str(work / "pairs.parquet"), "--work", str(work / path), "--model-dir", str(work / "model")]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))

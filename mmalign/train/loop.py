@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 import warnings
@@ -23,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from mmalign.config import ConfigError
 from mmalign.losses import MetricSums, backward_loss
 from mmalign.utils import (
     example_generator,  # noqa: F401  (re-exported: recipes key their draws by it)
@@ -129,11 +131,7 @@ def _engine_as_launched(acc) -> None:
     ``MMALIGN_FSDP_ON_CPU=1``: then the state is switched to accelerate's own FSDP path with the plugin the
     launch configured (FSDP2 runs on CPU with gloo), which is how the test-suite exercises sharded
     preparation, checkpointing and export without a GPU."""
-    import os
-
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    from mmalign.config import ConfigError
 
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     wants_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
