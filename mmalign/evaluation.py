@@ -76,10 +76,14 @@ def _thumb(im, size: int = 192) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def write_gallery(path: str | Path, items: list[dict], models: list[str], rows: list[dict], title: str = "mmalign eval"):
+def write_gallery(path: str | Path, items: list[dict], models: list[str], rows: list[dict], title: str = "mmalign eval",
+                  total: int | None = None):
     """A self-contained side-by-side HTML gallery. ``items``: {prompt, seed, images: {model: PIL},
-    scores: {model: {reward: value}}}. Every prompt, name and label is HTML-escaped."""
+    scores: {model: {reward: value}}}; ``total``: how many items were scored (the gallery may show a subset).
+    Every prompt, name and label is HTML-escaped."""
     e = html.escape
+    shown = f"{len(items)} prompt/seed items" if not total or total == len(items) else \
+        f"{len(items)} of the {total} scored prompt/seed items shown (evenly spaced)"
     head, cells = format_rows(rows)
     table = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in cells)
@@ -99,7 +103,7 @@ section{{background:#fff;border:1px solid #ddd;margin:10px 0;padding:8px 12px}}h
 .seed{{color:#777;font-weight:normal}}.row{{display:flex;gap:12px;flex-wrap:wrap}}figure{{margin:0;font-size:12px}}
 img{{width:192px;height:192px;object-fit:contain;image-rendering:pixelated;background:#eee;display:block}}
 .model{{font-weight:bold;margin-bottom:2px}}</style></head><body>
-<h1>{e(title)}</h1><p>{len(items)} prompt/seed pairs; the same prompt and seed for every model.</p>
+<h1>{e(title)}</h1><p>{shown}; the same prompt and seed for every model.</p>
 <table>{table}</table>{''.join(cards)}</body></html>"""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(doc)
@@ -140,7 +144,7 @@ def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: st
     names = list(folders)
     base = base or names[0]
     keys, by = align_folders(folders)
-    images = {n: [open_image(Path(folders[n]) / by[n][k]["file_name"], root=Path(folders[n])) for k in keys]
+    images = {n: [open_image(by[n][k]["file_name"], root=Path(folders[n])) for k in keys]
               for n in names}
     prompts = [k[0] for k in keys]
     check_inputs(rewards, [Path(by[base][k]["file_name"]) for k in keys], prompts, None)
@@ -159,5 +163,7 @@ def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: st
     items = [{"prompt": k[0], "seed": k[1], "images": {n: images[n][i] for n in names},
               "scores": {n: {r: scores[n][r][i] for r in rewards} for n in names}}
              for i, k in list(enumerate(keys))[::step]]
-    write_gallery(out / "gallery.html", items, names, rows, title=f"mmalign eval: {', '.join(names)} vs {base}")
+    others = [n for n in names if n != base]
+    write_gallery(out / "gallery.html", items, names, rows, title=f"mmalign eval: {', '.join(others)} vs {base}",
+                  total=len(keys))
     return {"rows": rows, "scores": scores, "keys": keys, "base": base}

@@ -114,3 +114,20 @@ def test_gallery_escapes_prompts(tmp_path):
                   ["base", "<i>t</i>"], rows)
     h = (tmp_path / "g.html").read_text()
     assert "<script>" not in h and "&lt;script&gt;" in h and "<i>t</i>" not in h and "<b>r</b>" not in h
+
+
+def test_eval_with_relative_folders(tmp_path, monkeypatch, capsys):
+    """Folders given relative to the working directory (as users type them): file names in metadata.jsonl
+    are relative to their folder and must be joined once (a doubled path once broke `mmalign eval --out runs/x`)."""
+    from mmalign.diffusion.models import save_components, tiny_components
+
+    save_components(tiny_components("sd"), tmp_path / "tiny")
+    p, _ = load_pipeline(str(tmp_path / "tiny"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        sample_to_folder(p, ["a red circle", "a blue square"], [0, 1], f"runs/{name}", steps=2, resolution=32,
+                         progress=False)
+    assert main(["eval", "--folder", "base=runs/a", "--folder", "t=runs/b", "--reward", "world",
+                 "--out", "runs/e"]) == 0
+    assert "win rate vs base" in capsys.readouterr().out
+    assert (tmp_path / "runs/e/summary.json").exists()
