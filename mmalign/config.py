@@ -94,8 +94,8 @@ def bind(tp: Any, value: Any, path: str = "") -> Any:
         raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]} ({'; '.join(errors)})")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and value not in choices:  # YAML 1.1 reads no/off/yes/on as booleans
-            value = {False: "no", True: "yes"}[value] if ("no" if not value else "yes") in choices else value
+        if isinstance(value, bool) and value not in choices and ("yes" if value else "no") in choices:
+            value = "yes" if value else "no"  # YAML 1.1 reads no/off/yes/on as booleans
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
         return value

@@ -3,7 +3,7 @@ maximum likelihood on toy-world answers of which only ``--good`` (default 15%) u
 the reference policy puts little mass where the reward (mmalign.toyworld.text.pleasantness) is high, the
 setting of the on-policy vs offline experiment (scripts/onpolicy_vs_offline.py) and the online configs.
 
-    python scripts/pretrain_toy_lm.py [--steps 1500 --good 0.15 --out assets/models/toy-lm]
+    python scripts/pretrain_toy_lm.py [--steps 800 --good 0.15 --out assets/models/toy-lm]
 """
 import argparse
 import json
@@ -26,7 +26,7 @@ def sample_text(rng: random.Random, good_share: float) -> tuple[str, str]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="assets/models/toy-lm")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=800)  # the shipped assets/models/toy-lm
     ap.add_argument("--good", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

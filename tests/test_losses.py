@@ -109,7 +109,7 @@ def test_policy_equals_reference_gives_tie_accuracy(name):
 
 
 SIGMOID_FORMS = ["dpo", "dove", "dpo_forward_kl", "dpo_js", "dpo_alpha", "robust", "aot", "aot_unpaired", "rpo",
-                 "mm_dpo", "sigmoid_norm"]
+                 "mm_dpo", "sigmoid_norm", "hypo"]
 
 
 @pytest.mark.parametrize("name", SIGMOID_FORMS)
@@ -121,7 +121,7 @@ def test_ln2_at_init(name):
 
 
 @pytest.mark.parametrize("name", ["dpo", "dpo_js", "dpo_forward_kl", "dpo_alpha", "hinge", "ipo", "robust",
-                                  "discopop", "sigmoid_norm", "exo_pair"])
+                                  "discopop", "sigmoid_norm", "exo_pair", "hypo"])
 def test_swap_symmetry(name):
     """Swapping chosen and rejected negates the margin, flips accuracy, and for the logistic form
     loss(x) - loss(-x) = -x."""

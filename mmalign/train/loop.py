@@ -354,10 +354,12 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    grads_bad = not math.isfinite(float(grad_norm))
-                else:  # no clipping still means no silent inf/NaN weights: check every rank's gradients
-                    grads_bad = bool(reduce_sum(torch.tensor([float(not grads_finite(model))]))[0] > 0)
-                bad = bool(reduce_sum(torch.tensor([float(bad_local)]))[0] > 0) or empty_step
+                # one reduction for both flags: a rank's non-finite loss, and (no clipping still means no silent
+                # inf/NaN weights) a rank's non-finite gradient; with clipping the global norm already says it
+                grads_local = cfg.max_grad_norm is None and not grads_finite(model)
+                flags = reduce_sum(torch.tensor([float(bad_local), float(grads_local)]))
+                bad = bool(flags[0] > 0) or empty_step
+                grads_bad = not math.isfinite(float(grad_norm)) if grad_norm is not None else bool(flags[1] > 0)
                 if grads_bad:
                     if cfg.nan_policy == "error":
                         save(step)
