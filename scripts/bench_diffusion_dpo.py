@@ -13,10 +13,11 @@ slowest by far, runs once, with at most 2 timed steps):
   salesforce   the original Salesforce train.py way: full UNet fine-tune, a frozen fp32 copy as the reference,
                VAE + text encoding every step, same data decoding.
   mmalign      ``configs/sd15/diffusion_dpo_lora.yaml`` as shipped (rank 8, gradient checkpointing, the latent +
-               text cache, reference = adapters disabled), through the real recipe and training loop; only
-               device-bound keys are changed on CPU (fp32, AdamW instead of 8-bit Adam). The cache is built by
-               the first repeat (its time is reported as ``cache_build_s``); later repeats reuse it, as every
-               later epoch and every later run on the same data does.
+               text cache, reference = adapters disabled), through the real recipe and training loop, loading
+               the same pipeline folder itself; only device-bound keys are changed on CPU (fp32, AdamW instead
+               of 8-bit Adam). The cache is built by the first repeat (its time is reported as
+               ``cache_build_s``); later repeats reuse it, as every later epoch and every later run on the same
+               data does -- and, the cache being complete, never load the VAE or the text encoders.
   mmalign_precomputed   the same plus ``model.reference=precomputed, data.noise_draws=1``: reference scores
                are computed once per pair before training, so the reference forward leaves the step.
 
@@ -115,10 +116,10 @@ def components(size: str, latent: int, model_dir: str | None = None):
     if size == "sdxl":
         comp.text_encoder_2 = CLIPTextModelWithProjection(te_cfg("sdxl2"))
         comp.tokenizer_2 = tok
-    if model_dir:
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            if getattr(comp, name, None) is not None:
-                getattr(comp, name).save_pretrained(Path(model_dir) / name)
+    if model_dir:  # a diffusers pipeline folder, as users download it
+        from mmalign.diffusion.models import save_components
+
+        save_components(comp, model_dir)
     return comp
 
 
@@ -249,7 +250,8 @@ def mmalign_config(args, precomputed: bool):
 
     cuda = torch.cuda.is_available()
     work = Path(args.work)
-    over = [f"data.train={args.data}", "data.eval=null", f"data.cache_dir={work / 'cache'}",
+    over = [f"model.name_or_path={args.model_dir}", f"model.kind={'sdxl' if args.size == 'sdxl' else 'sd'}",
+            f"data.train={args.data}", "data.eval=null", f"data.cache_dir={work / 'cache'}",
             f"data.resolution={image_px(args.size, args.latent)}", f"model.lora.r={args.rank}",
             f"model.lora.alpha={args.rank}", f"train.output_dir={work / 'run'}", f"train.max_steps={args.steps + 1}",
             f"train.batch_size={args.batch}", "train.grad_accum=1", "train.log_every=1", "train.progress=false",
@@ -269,14 +271,11 @@ def run_mmalign(args, precomputed: bool, hook=None) -> dict:
     from mmalign.train.loop import train
 
     cfg = mmalign_config(args, precomputed)
-    if args.size == "sdxl":
-        cfg.model.kind = "sdxl"
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
-    comp = components(args.size, args.latent, args.model_dir)
     cached = (Path(args.work) / "cache" / "train").exists()
     t0 = time.perf_counter()
-    recipe = DiffusionRecipe(cfg, acc, components=comp)
-    setup = time.perf_counter() - t0  # building the cache (first run only) and precomputing reference scores
+    recipe = DiffusionRecipe(cfg, acc)  # loads the pipeline folder itself, as `mmalign train` does
+    setup = time.perf_counter() - t0  # loading; building the cache (first run only); precomputed reference scores
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     res = train(recipe, cfg.train, acc, on_step=(lambda step, rec: hook()) if hook else None)

@@ -143,8 +143,8 @@ def rpo_experiment(s, prep, out: Path, steps: int):
     # the selected checkpoint (full UNet fine-tune) is exported as a pipeline folder: load its UNet
     best_unet = UNet2DConditionModel.from_pretrained(str(out / "rpo" / "best"), subfolder="unet")
     tuned = sample(prep.comp.pipeline(best_unet), ev_p, seeds, s)
-    return {"pairs": len(rows), "train_s": time.time() - t0, "best_step": res.recipe.best_step,
-            "val_reward_first": ev[0]["eval/reward"], "val_reward_best": res.recipe.best_reward,
+    return {"pairs": len(rows), "train_s": time.time() - t0, "best_step": res.recipe.validator.best_step,
+            "val_reward_first": ev[0]["eval/reward"], "val_reward_best": res.recipe.validator.best_reward,
             "lambda_harmonic_base": float(sel.score(base, ev_p, refs).mean()),
             "lambda_harmonic_tuned": float(sel.score(tuned, ev_p, refs).mean()),
             "clip_i_base": float(dino.score(base, references=refs).mean()),

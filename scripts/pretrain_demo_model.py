@@ -1,5 +1,8 @@
 """Pretrain the demo's tiny text-to-image model and write it to assets/models/shapes-sd (a diffusers
-StableDiffusionPipeline folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+StableDiffusionPipeline folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/), or with
+``--family sd3`` a flow-matching model to assets/models/shapes-sd3 (a StableDiffusion3Pipeline folder:
+SD3Transformer2DModel, two CLIP text encoders with projections and no T5 -- the pipeline zero-fills the T5
+stream as SD3 does when text_encoder_3 is dropped; the VAE is taken from shapes-sd with ``--vae-from``).
 
 Real classes at toy size: AutoencoderKL (32x32 RGB -> 8x8x4 latents), CLIPTextModel, and
 UNet2DConditionModel with cross-attention, trained from scratch on the procedural shapes world.
@@ -8,6 +11,8 @@ word for --shape-noise), so the base model follows prompts only imperfectly: the
 preference alignment to fix. Deterministic given the seed; about 35 minutes on 2 CPU cores.
 
     python scripts/pretrain_demo_model.py [--out assets/models/shapes-sd]
+    python scripts/pretrain_demo_model.py --family sd3 --vae-from assets/models/shapes-sd \
+        --out assets/models/shapes-sd3
 """
 import argparse
 import random
@@ -43,6 +48,29 @@ def build(seed=0):
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                           prediction_type="epsilon", steps_offset=1, clip_sample=False)
     return Components("sd", unet, vae, te, tok, sched)
+
+
+def build_sd3(seed, vae_from):
+    """SD3 layout at toy size: MMDiT on the 8x8x4 latents (patch 1: 64 image tokens), two CLIP encoders
+    (hidden 64 each, concatenated to 128 = joint_attention_dim), pooled projections 64 + 64."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(TINY_CLIP_TOKENIZER))
+    te_cfg = lambda: CLIPTextConfig(  # noqa: E731
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tok),
+        max_position_embeddings=tok.model_max_length, hidden_act="gelu", projection_dim=64)
+    te, te2 = CLIPTextModelWithProjection(te_cfg()), CLIPTextModelWithProjection(te_cfg())
+    vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae").float()
+    vae.register_to_config(shift_factor=0.0)  # the SD3 pipeline decodes z / scaling_factor + shift_factor
+    tr = SD3Transformer2DModel(sample_size=IMAGE_SIZE // 4, patch_size=1, in_channels=4, out_channels=4, num_layers=6,
+                               attention_head_dim=16, num_attention_heads=4, caption_projection_dim=64,
+                               joint_attention_dim=128, pooled_projection_dim=128, pos_embed_max_size=IMAGE_SIZE // 4)
+    # shift 1: SD3's shift 3 is for 1024 px (4096 latent tokens); these 64-token latents need none
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return Components("sd3", tr, vae, te, tok, sched, te2, tok)
 
 
 def batch_images(rng, n):
@@ -99,7 +127,9 @@ def train_unet(comp, steps, rng, args, log):
     unet, te, vae, sched, tok = comp.unet, comp.text_encoder, comp.vae, comp.noise_scheduler, comp.tokenizer
     vae.requires_grad_(False)
     pool, pool_scenes = latent_pool(vae, rng, args.pool, log)
-    params = list(unet.parameters()) + list(te.parameters())
+    encoders = [m for m in (te, comp.text_encoder_2) if m is not None]
+    params = list(unet.parameters()) + [p for m in encoders for p in m.parameters()]
+    tgen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200) * (0.5 * (1 + np.cos(np.pi * s / steps))))
     t0 = time.time()
@@ -109,11 +139,25 @@ def train_unet(comp, steps, rng, args, log):
         caps = [noisy_caption(rng, pool_scenes[i], args.color_noise, args.shape_noise, 0.1) for i in idx]
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
-        emb = te(ids)[0]
         noise = torch.randn_like(lat)
-        t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],))
-        pred = unet(sched.add_noise(lat, noise, t), t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred, noise)
+        if comp.kind == "sd3":
+            # the SD3 pipeline's conditioning: penultimate CLIP hidden states of both encoders concatenated
+            # (zero-padded to joint_attention_dim), pooled = both projections concatenated; rectified flow with
+            # logit-normal sigma (SD3 paper, Esser et al. 2024, Sec. 3.1): x_t = (1-s) x0 + s n, target n - x0
+            outs = [m(ids, output_hidden_states=True) for m in encoders]
+            emb = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+            emb = F.pad(emb, (0, unet.config.joint_attention_dim - emb.shape[-1]))
+            emb = torch.cat([emb, torch.zeros_like(emb)], dim=1)  # the zero T5 stream (no text_encoder_3)
+            pooled = torch.cat([o.text_embeds for o in outs], dim=-1)
+            sigma = torch.sigmoid(torch.randn(lat.shape[0], generator=tgen)).view(-1, 1, 1, 1)
+            pred = unet(hidden_states=(1 - sigma) * lat + sigma * noise, timestep=sigma.flatten() * 1000,
+                        encoder_hidden_states=emb, pooled_projections=pooled).sample
+            loss = F.mse_loss(pred, noise - lat)
+        else:
+            emb = te(ids)[0]
+            t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],))
+            pred = unet(sched.add_noise(lat, noise, t), t, encoder_hidden_states=emb).sample
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -147,6 +191,9 @@ def main():
     ap.add_argument("--color-noise", type=float, default=0.4)
     ap.add_argument("--shape-noise", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--family", choices=("sd", "sd3"), default="sd",
+                    help="sd: UNet + DDPM (the demo's model); sd3: flow-matching MMDiT")
+    ap.add_argument("--vae-from", default=None, help="sd3: reuse this pipeline folder's VAE (no VAE training)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rng = random.Random(args.seed)
@@ -159,16 +206,24 @@ def main():
             logf.write(msg + "\n")
             logf.flush()
 
-    comp = build(args.seed)
-    log(f"params: unet {sum(p.numel() for p in comp.unet.parameters()) / 1e6:.2f}M, vae "
-        f"{sum(p.numel() for p in comp.vae.parameters()) / 1e6:.2f}M, text {sum(p.numel() for p in comp.text_encoder.parameters()) / 1e6:.2f}M")
-    train_vae(comp.vae, args.vae_steps, rng, log)
+    if args.family == "sd3":
+        if not args.vae_from:
+            ap.error("--family sd3 needs --vae-from (e.g. assets/models/shapes-sd)")
+        comp = build_sd3(args.seed, args.vae_from)
+    else:
+        comp = build(args.seed)
+    n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    log(f"params: {args.family} denoiser {n(comp.unet):.2f}M, vae {n(comp.vae):.2f}M, text "
+        f"{sum(n(m) for m in (comp.text_encoder, comp.text_encoder_2) if m is not None):.2f}M")
+    if not args.vae_from:
+        train_vae(comp.vae, args.vae_steps, rng, log)
     train_unet(comp, args.unet_steps, rng, args, log)
-    comp.unet.eval(), comp.text_encoder.eval(), comp.vae.eval()
+    for m in comp.frozen_modules() + [comp.unet]:
+        m.eval()
     score, acc, ims, prompts = evaluate(comp)
     log(f"base model: oracle score {score:.3f}, prompt accuracy {acc:.3f}")
     # ship fp16 weights to keep the assets small; the demo loads them back as fp32
-    for m in (comp.unet, comp.vae, comp.text_encoder):
+    for m in comp.frozen_modules() + [comp.unet]:
         m.half()
     save_components(comp, out)
     (out / "TRAINING.md").write_text(

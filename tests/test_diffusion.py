@@ -304,3 +304,62 @@ def test_all_unreadable_batch_skips_the_step_not_the_run(tmp_path):
     last = res.history[-1]
     assert last["train/skipped_rows"] == 8  # 4 unreadable rows x 2 epochs
     assert last["train/skipped_steps"] >= 1  # at least one batch had no readable row
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_complete_cache_leaves_vae_and_text_encoders_on_disk(tmp_path, kind, monkeypatch):
+    """First run: builds the cache, then drops the VAE / text encoders. A later run on the finished cache never
+    loads them for its steps (same losses); validation and a full export read them back when they need them."""
+    from mmalign.diffusion import models
+    from mmalign.diffusion.models import save_components
+
+    loads = []
+    real = models._load_frozen
+    monkeypatch.setattr(models, "_load_frozen", lambda *a: loads.append(1) or real(*a))
+    model = tmp_path / "model"
+    save_components(tiny_components(kind, seed=0, sample_size=16), model)
+    base = [f"model.kind={kind}", f"model.name_or_path={model}", "model.tiny=null", "data.max_examples=6",
+            "data.eval=null", f"data.cache_dir={tmp_path / 'cache'}"]
+    first = recipe_(tmp_path / "a", *base)
+    assert len(loads) == 1 and first.comp.vae is None and first.comp.text_encoder is None  # dropped once cached
+    later = recipe_(tmp_path / "b", *base)
+    assert len(loads) == 1 and later.comp.text_encoder_2 is None  # never read
+    loss = lambda r: torch.stack([r.compute(batch_of(r, 4), step=s).loss.detach() for s in (0, 1)])  # noqa: E731
+    torch.testing.assert_close(loss(first), loss(later), rtol=0, atol=1e-6)
+    imgs = later.sample(["a red circle"], [0], steps=2, guidance=1.0, resolution=32)  # reads them back
+    assert imgs[0].size == (32, 32) and later.comp.vae is not None and len(loads) == 2
+    full = recipe_(tmp_path / "c", *base, "model.lora=null")
+    assert full.comp.vae is None
+    full.export(tmp_path / "full")  # a full pipeline folder needs them: read back, written out
+    assert (tmp_path / "full" / "vae").is_dir() and (tmp_path / "full" / "text_encoder").is_dir()
+    load_components(kind, str(tmp_path / "full"))
+
+
+def test_channels_last_gives_the_same_scores(tmp_path):
+    a, b = recipe_(tmp_path / "a"), recipe_(tmp_path / "b", "model.channels_last=true")
+    assert b.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not a.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for step in (0, 1):
+        ma, mb = (r.compute(batch_of(r), step=step).metrics for r in (a, b))
+        torch.testing.assert_close(ma["model_mse_w"], mb["model_mse_w"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ma["ref_mse_l"], mb["ref_mse_l"], rtol=1e-4, atol=1e-6)
+
+
+def test_precomputed_reference_table_is_kept_and_reused(tmp_path, monkeypatch):
+    """The table lands in data.cache_dir; a run that changes only beta / lr / LoRA rank reads it instead of
+    recomputing (same scores); a different seed (other noise draws) computes its own."""
+    base = ["data.max_examples=6", "data.eval=null", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.reference=precomputed", "data.noise_draws=2"]
+    first = recipe_(tmp_path / "a", *base)
+    tables = sorted((tmp_path / "cache" / "reference").glob("train-*.safetensors"))
+    assert len(tables) == 1
+    calls = []
+    real = DiffusionRecipe.precompute
+    monkeypatch.setattr(DiffusionRecipe, "precompute", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    sweep = recipe_(tmp_path / "b", *base, "loss.beta=100", "train.lr=0.5", "model.lora.r=2")
+    assert calls == []
+    torch.testing.assert_close(sweep.reference.tables["train"]["mse"], first.reference.tables["train"]["mse"])
+    torch.testing.assert_close(sweep.reference.tables["train"]["mse"],
+                               real(sweep, sweep.train_data, "train", 2), rtol=0, atol=1e-6)
+    recipe_(tmp_path / "c", *base, "train.seed=7")
+    assert calls == [1] and len(list((tmp_path / "cache" / "reference").glob("train-*.safetensors"))) == 2

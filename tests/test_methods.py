@@ -235,7 +235,7 @@ def test_reward_based_checkpoint_selection_picks_the_best_step(tmp_path):
                    "validation.images_per_prompt=1"),
               scorer=lambda ims, ps: [next(rewards)] * len(ims))
     r = res.recipe
-    assert r.best_step == 6 and r.best_reward == pytest.approx(0.65)
+    assert r.validator.best_step == 6 and r.validator.best_reward == pytest.approx(0.65)
     assert [e["step"] for e in res.eval_history if "eval/reward" in e] == [0, 2, 4, 6, 8, 10, 12]
     assert res.step == 12 and r.stop  # stopped early, 8 steps before max_steps
     card = (tmp_path / "best" / "README.md").read_text()
@@ -255,5 +255,5 @@ def test_configured_validation_reward_drives_selection(tmp_path):
                    "validation.reward=lambda_harmonic", "validation.reward_args={tiny: true, lam: 0.5}",
                    f"validation.references={refs}"))
     rewards = [e["eval/reward"] for e in res.eval_history if "eval/reward" in e]
-    assert len(rewards) == 2 and res.recipe.best_step in (0, 2)
+    assert len(rewards) == 2 and res.recipe.validator.best_step in (0, 2)
     assert (tmp_path / "best" / "README.md").exists()

@@ -19,10 +19,10 @@ def add_arguments(p):
     p.add_argument("--beta", type=float, default=d.beta)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 = full UNet fine-tune")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 = full UNet / transformer fine-tune")
     p.add_argument("--loss", default=d.loss, help="any pairwise loss of the core (mmalign losses)")
     p.add_argument("--min-margin", type=float, default=d.min_margin)
-    p.add_argument("--model", default=d.model, help="base pipeline folder")
+    p.add_argument("--model", default=d.model, help="base pipeline folder (any family: shapes-sd, or shapes-sd3 for flow matching)")
 
 
 def run(args) -> int:

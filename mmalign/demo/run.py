@@ -30,6 +30,7 @@ from PIL import Image
 from mmalign.config import config_from_dict, deep_merge
 from mmalign.diffusion.data import write_pickapic_parquet
 from mmalign.diffusion.models import load_components
+from mmalign.diffusion.sampling import detect_kind
 from mmalign.evaluation import wins
 from mmalign.toyworld.world import all_prompts, is_correct, oracle_score
 from mmalign.train.diffusion import run as run_diffusion
@@ -152,9 +153,9 @@ def demo_config(s: DemoSettings, pairs_file: str, out: str, val_prompts: list[st
     """The ``diffusion`` recipe config the demo trains with; ``extra`` deep-merges method options."""
     base = {
         "recipe": "diffusion",
-        "model": {"kind": "sd", "name_or_path": s.model,
+        "model": {"kind": detect_kind(s.model), "name_or_path": s.model,
                   **({"lora": {"r": s.lora_rank, "alpha": s.lora_rank}} if s.lora_rank else {})},
-        # the demo UNet was pretrained on VAE posterior means (scripts/pretrain_demo_model.py), and its tiny
+        # the demo models were pretrained on VAE posterior means (scripts/pretrain_demo_model.py), and their tiny
         # VAE's posterior std is large (0.37 against a latent std of 1.0), so train on the means too
         "data": {"train": pairs_file, "resolution": 32, "random_flip": True, "vae_latents": "mean",
                  "cache_dir": str(Path(pairs_file).parent / f"cache-{Path(pairs_file).stem}")},
@@ -183,7 +184,7 @@ def _load_images(path: Path):
 def prepare(s: DemoSettings, out: Path):
     """Base model, its samples on the evaluation prompts/seeds, and oracle-labelled candidate pairs. Cached in
     ``out/base`` (keyed by the settings that shape them), so more seeds or a second run skip the sampling."""
-    comp = load_components("sd", s.model)
+    comp = load_components(detect_kind(s.model), s.model)
     prompts = all_prompts()
     unknown = [p for p in s.held_out if p not in prompts]
     if unknown:
@@ -249,7 +250,7 @@ def run_demo(s: DemoSettings) -> dict:
     for i, seed in enumerate(s.seeds):
         si = dataclasses.replace(s, seed=seed)
         print(f"[3/4] Diffusion-DPO, seed {seed} ({i + 1}/{len(s.seeds)}): {s.steps} steps, beta {s.beta:g}, "
-              f"{'LoRA r=%d' % s.lora_rank if s.lora_rank else 'full UNet'}", flush=True)
+              f"{'LoRA r=%d' % s.lora_rank if s.lora_rank else 'full denoiser'}", flush=True)
         cfg = demo_config(si, prep.pairs_file, str(out / f"train-seed{seed}"), val_prompts)
         te = train_and_evaluate(si, prep, cfg)
         runs.append((seed, te.result.history, te.result.eval_history))

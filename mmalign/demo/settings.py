@@ -26,7 +26,7 @@ class DemoSettings:
     lr: float = 2e-5
     batch_size: int = 16
     lora_rank: int = 0
-    """0 = full UNet fine-tune (frozen reference copy); > 0 = LoRA with the adapters-off reference"""
+    """0 = full fine-tune of the UNet or transformer (frozen reference copy); > 0 = LoRA with the adapters-off reference"""
     loss: str = "dpo"
     guidance: float = 3.0
     sample_steps: int = 20

@@ -10,6 +10,7 @@ up to ~0.03 at beta 5000). Latents are cached unpacked for every family (Flux pa
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,13 +18,39 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from mmalign.config import to_dict
+from mmalign.paths import resolve
 
 from .data import ImagePairBatch, PreferencePairs
 
 
 def _shard(path: Path, k: int) -> Path:
     return path / f"shard-{k:05d}.safetensors"
+
+
+def cache_meta(pairs: PreferencePairs, flips: bool = True, text: bool = True, dtype: torch.dtype = torch.float32,
+               std: bool = False, shard_size: int = 256) -> dict:
+    """What a cache of ``pairs`` built with these settings records in its ``meta.json``."""
+    return {"rows": len(pairs), "shard_size": shard_size, "source": str(pairs.source),
+            "resolution": pairs.resolution, "flips": flips, "text": text,
+            "dtype": str(dtype).removeprefix("torch."), "std": std}
+
+
+def cache_complete(path: str | Path, meta: dict) -> bool:
+    """True when ``path`` holds a finished cache with exactly ``meta``: every shard, the report and (text
+    caches) the empty-prompt conditioning -- a training run on it needs neither the VAE nor the text encoders."""
+    path = Path(path)
+    try:
+        old = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if {k: old.get(k) for k in meta} != meta or not (path / "report.json").exists():
+        return False
+    if meta["text"] and not (path / "empty.safetensors").exists():
+        return False
+    return all(_shard(path, k).exists() for k in range(math.ceil(meta["rows"] / meta["shard_size"])))
 
 
 @torch.no_grad()
@@ -34,9 +61,7 @@ def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_
     (embeds [B,T,D], pooled | None, txt_ids | None). ``std``: keep the posterior std too."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"rows": len(pairs), "shard_size": shard_size, "source": str(pairs.source),
-            "resolution": pairs.resolution, "flips": flips, "text": encode_text is not None,
-            "dtype": str(dtype).removeprefix("torch."), "std": std}
+    meta = cache_meta(pairs, flips, encode_text is not None, dtype, std, shard_size)
     meta_file = path / "meta.json"
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
@@ -188,3 +213,43 @@ class CachedPairs(torch.utils.data.Dataset):
                 if key in good[0]:
                     setattr(b, key, torch.stack([x[key] for x in good]))
         return b
+
+
+# ------------------------------------------------------------------ precomputed reference tables
+
+# settings that do not change the reference's scores (the trained adapters, the optimisation, bookkeeping)
+_NOT_REFERENCE = {"lora", "reference", "gradient_checkpointing", "compile", "ema", "ema_decay", "reference_offload"}
+
+
+def reference_table_path(cfg, split: str, draws: int) -> Path | None:
+    """Where ``model.reference=precomputed`` keeps its table of reference scores for ``split``:
+    ``<data.cache_dir>/reference/<split>-<key>.safetensors``, the key a hash of everything the scores depend
+    on (model and its weight files, data and noise settings, seed, precision) and of nothing else -- so a
+    sweep over beta, learning rate, loss or LoRA rank on the same data reuses one table."""
+    if not cfg.data.cache_dir:
+        return None
+    model = {k: v for k, v in to_dict(cfg.model).items() if k not in _NOT_REFERENCE}
+    weights = []
+    if cfg.model.name_or_path:
+        root = Path(resolve(cfg.model.name_or_path))
+        for sub in ("unet", "transformer"):
+            weights += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted((root / sub).glob("*"))
+                        if f.suffix in (".safetensors", ".bin")]
+    key = {"model": model, "weights": weights, "data": to_dict(cfg.data), "flow": to_dict(cfg.flow),
+           "seed": cfg.train.seed, "precision": cfg.train.mixed_precision, "draws": draws, "split": split,
+           "ppd": to_dict(cfg.ppd) if cfg.ppd is not None else None}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cfg.data.cache_dir) / "reference" / f"{split}-{digest}.safetensors"
+
+
+def load_or_compute_table(path: Path | None, compute, save: bool = True) -> torch.Tensor:
+    """The table at ``path`` if an earlier run wrote it, else ``compute()`` (written atomically when ``save``)."""
+    if path is not None and path.exists():
+        return load_file(str(path))["mse"]
+    table = compute()
+    if path is not None and save:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"mse": table.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    return table

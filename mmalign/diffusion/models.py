@@ -10,9 +10,10 @@
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -37,6 +38,8 @@ class Components:
     text_encoder_3: Any = None  # SD3's T5
     tokenizer_3: Any = None
     extra: dict = field(default_factory=dict)
+    loader: Callable[[], dict] | None = None
+    """reads the frozen modules (VAE, text encoders) from disk again: ``load_frozen`` / ``release_frozen``"""
 
     @property
     def unet(self):
@@ -53,6 +56,30 @@ class Components:
 
     def frozen_modules(self):
         return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
+
+    @property
+    def frozen_loaded(self) -> bool:
+        return self.vae is not None
+
+    def load_frozen(self) -> list:
+        """Read the VAE and text encoders if they were left on disk; returns the modules loaded now."""
+        if self.frozen_loaded:
+            return []
+        if self.loader is None:
+            raise RuntimeError("these components have no VAE / text encoders and no loader to read them")
+        mods = self.loader()
+        for k, m in mods.items():
+            setattr(self, k, m)
+        return list(mods.values())
+
+    def release_frozen(self) -> bool:
+        """Drop the VAE and text encoders (when a loader can read them again); True if they were dropped.
+        A training step on cached latents and text never uses them: this frees their memory for training."""
+        if self.loader is None or not self.frozen_loaded:
+            return False
+        self.vae = self.text_encoder = self.text_encoder_2 = self.text_encoder_3 = None
+        gc.collect()
+        return True
 
     def pipeline(self, denoiser=None, scheduler: str = "ddim"):
         """A diffusers pipeline around these components (sampling, validation, export, ``encode_prompt``)."""
@@ -92,55 +119,63 @@ def _check_kind(kind: str):
 
 
 def load_components(kind: str, name_or_path: str, vae: str | None = None, prediction_type: str = "auto",
-                    dtype: torch.dtype = torch.float32) -> Components:
+                    dtype: torch.dtype = torch.float32, frozen: bool = True) -> Components:
     """Load from a diffusers pipeline folder or hub id (unet/ or transformer/, vae/, text_encoder*/,
     tokenizer*/, scheduler/). ``vae``: an alternative VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``).
-    Text encoders get ``dtype``; the VAE too unless it is fp32-only by choice of the caller."""
+    Text encoders and the VAE get ``dtype``. ``frozen=False``: leave the VAE and text encoders on disk
+    (``Components.load_frozen`` reads them when something needs them: caching, validation, a full export)."""
     import diffusers
-    from transformers import (
-        AutoTokenizer,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        T5EncoderModel,
-    )
+    from transformers import AutoTokenizer
 
     _check_kind(kind)
     path = resolve(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+    tok2 = lambda sub: AutoTokenizer.from_pretrained(path, subfolder=sub)  # noqa: E731
+    if kind in ("sd", "sdxl"):
+        denoiser = diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        sched = diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        if prediction_type != "auto":
+            sched.register_to_config(prediction_type=prediction_type)
+    else:
+        cls = diffusers.SD3Transformer2DModel if kind == "sd3" else diffusers.FluxTransformer2DModel
+        denoiser = cls.from_pretrained(path, subfolder="transformer")
+        sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    comp = Components(kind, denoiser, None, None, tok, sched)
+    if kind in ("sdxl", "sd3", "flux"):
+        comp.tokenizer_2 = tok2("tokenizer_2")
+    if kind == "sd3" and (Path(path, "text_encoder_3").is_dir() or not Path(path).exists()):
+        comp.tokenizer_3 = tok2("tokenizer_3")
+    comp.loader = lambda: _load_frozen(kind, path, vae, dtype, comp.tokenizer_3 is not None)
+    if frozen:
+        comp.load_frozen()
+    return comp
+
+
+def _load_frozen(kind: str, path: str, vae: str | None, dtype: torch.dtype, t5: bool) -> dict:
+    """The VAE and text encoders of a pipeline folder / hub id (``load_components``)."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
     if vae:
         vp = resolve(vae)
         vae_model = diffusers.AutoencoderKL.from_pretrained(vp, subfolder="vae" if Path(vp, "vae").is_dir() else None)
     else:
         vae_model = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae")
-    vae_model = vae_model if dtype == torch.float32 else vae_model.to(dtype)
-    tok = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-    tok2 = lambda sub: AutoTokenizer.from_pretrained(path, subfolder=sub)  # noqa: E731
+    out = {"vae": vae_model if dtype == torch.float32 else vae_model.to(dtype)}
+    load = lambda cls, sub: cls.from_pretrained(path, subfolder=sub, dtype=dtype)  # noqa: E731
     if kind in ("sd", "sdxl"):
-        unet = diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        sched = diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-        if prediction_type != "auto":
-            sched.register_to_config(prediction_type=prediction_type)
-        te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        comp = Components(kind, unet, vae_model, te, tok, sched)
+        out["text_encoder"] = load(CLIPTextModel, "text_encoder")
         if kind == "sdxl":
-            comp.tokenizer_2 = tok2("tokenizer_2")
-            comp.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                               dtype=dtype)
-        return comp
-    sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-    if kind == "sd3":
-        tr = diffusers.SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
-        te = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        comp = Components(kind, tr, vae_model, te, tok, sched,
-                          CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype),
-                          tok2("tokenizer_2"))
-        if Path(path, "text_encoder_3").is_dir() or not Path(path).exists():
-            comp.text_encoder_3 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype)
-            comp.tokenizer_3 = tok2("tokenizer_3")
-        return comp
-    tr = diffusers.FluxTransformer2DModel.from_pretrained(path, subfolder="transformer")
-    te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-    return Components(kind, tr, vae_model, te, tok, sched,
-                      T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype), tok2("tokenizer_2"))
+            out["text_encoder_2"] = load(CLIPTextModelWithProjection, "text_encoder_2")
+    elif kind == "sd3":
+        out["text_encoder"] = load(CLIPTextModelWithProjection, "text_encoder")
+        out["text_encoder_2"] = load(CLIPTextModelWithProjection, "text_encoder_2")
+        if t5:
+            out["text_encoder_3"] = load(T5EncoderModel, "text_encoder_3")
+    else:
+        out["text_encoder"] = load(CLIPTextModel, "text_encoder")
+        out["text_encoder_2"] = load(T5EncoderModel, "text_encoder_2")
+    return out
 
 
 def _tiny_vae(latent_channels: int, sample_size: int, flow: bool):

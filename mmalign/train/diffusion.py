@@ -14,18 +14,14 @@ from pathlib import Path
 import torch
 
 from mmalign.diffusion import export as exporter
-from mmalign.diffusion.cache import CachedPairs, build_cache
+from mmalign.diffusion.cache import CachedPairs, build_cache, cache_complete, cache_meta
+from mmalign.diffusion.cache import load_or_compute_table, reference_table_path
 from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
 from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.models import Components, load_components, tiny_components
-from mmalign.diffusion.users import (
-    ClipPreferenceEncoder,
-    add_user_branch,
-    embed_users,
-    user_branch,
-)
+from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.diffusion.validation import Validator, reward_scorer, sample_images
 from mmalign.losses import RunningMoments
 from mmalign.models.reference import Reference, resolve_kind
@@ -51,14 +47,16 @@ def cache_dtype(cfg: DiffusionConfig) -> torch.dtype:
     return HALF.get(cfg.train.mixed_precision, torch.float32)
 
 
-def build_components(cfg: DiffusionConfig, dtype: torch.dtype) -> Components:
+def build_components(cfg: DiffusionConfig, dtype: torch.dtype, frozen: bool = True) -> Components:
+    """``frozen=False``: leave the VAE and text encoders on disk (read later when something needs them)."""
     m = cfg.model
     if m.tiny is not None:
         tiny = dict(m.tiny)
         if m.prediction_type != "auto":
             tiny["prediction_type"] = m.prediction_type
         return tiny_components(m.kind, **tiny)
-    return load_components(m.kind, m.name_or_path, vae=m.vae, prediction_type=m.prediction_type, dtype=dtype)
+    return load_components(m.kind, m.name_or_path, vae=m.vae, prediction_type=m.prediction_type, dtype=dtype,
+                           frozen=frozen)
 
 
 def set_attention(model, backend: str, unet: bool):
@@ -84,7 +82,12 @@ class DiffusionRecipe(RecipeBase):
         self.loss_fn, self.hp = cfg.loss.fn, dict(cfg.loss.params)
         self.beta = float(self.hp.pop("beta", 5000.0))
         dev, self.dtype = accelerator.device, frozen_dtype(cfg)
-        comp = components or build_components(cfg, self.dtype)
+        d = cfg.data
+        self.train_data = self._pairs(d.train, d.split, d.max_examples)
+        self.eval_data = self._pairs(d.eval, d.eval_split, d.max_eval_examples) if d.eval else None
+        # with a finished latent + text cache the step never runs the VAE or the text encoders: leave them on
+        # disk (SDXL: 0.9B parameters, Flux: T5-XXL's 4.7B); validation and full exports read them when needed
+        comp = components or build_components(cfg, self.dtype, frozen=not self._caches_complete())
         self.comp = comp
         f = cfg.flow
         self.family = family_for(comp, timestep_sampling=f.timestep_sampling, logit_mean=f.logit_mean,
@@ -92,10 +95,7 @@ class DiffusionRecipe(RecipeBase):
                                  max_sequence_length=f.max_sequence_length)
         unet = comp.denoiser
         set_attention(unet, cfg.model.attention, unet=not self.family.flow)
-        for mod in comp.frozen_modules():
-            mod.requires_grad_(False)
-            mod.eval()
-            mod.to(dev) if self.dtype == torch.float32 else mod.to(dev, dtype=self.dtype)
+        self._place_frozen(comp.frozen_modules())
         if cfg.model.lora is not None:
             from peft import LoraConfig
 
@@ -117,20 +117,20 @@ class DiffusionRecipe(RecipeBase):
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.to(dev)
+        if cfg.model.channels_last and not self.family.flow:
+            unet.to(memory_format=torch.channels_last)
         self.unet = self.policy = unet  # unwrapped handle (the UNet or flow transformer)
         self.compiled = torch.compile(unet) if cfg.model.compile else None
         self.model = self.compiled or unet
         self.pipe = comp.pipeline(unet)
         self.inputs = PairInputs(self.family, self.pipe, comp.vae, cfg.data, cfg.train.seed, dev, self.dtype,
                                  ppd_user_tokens(self.user_emb, unet) if cfg.ppd is not None else None)
-
-        d = cfg.data
-        self.train_data = self._pairs(d.train, d.split, d.max_examples)
-        self.eval_data = self._pairs(d.eval, d.eval_split, d.max_eval_examples) if d.eval else None
         if d.cache_dir:
             self.train_data = self._cached(self.train_data, Path(d.cache_dir) / "train")
             if self.eval_data is not None:
                 self.eval_data = self._cached(self.eval_data, Path(d.cache_dir) / "eval")
+            if comp.release_frozen():  # cache built: free the VAE / text encoders for the training steps
+                self.pipe = self.inputs.pipe = self.inputs.vae = None
 
         self.ref_kind = resolve_kind(cfg.model.reference, cfg.model.lora is not None, self.loss_fn.needs_reference)
         self.reference = Reference(self.ref_kind, unet, mode="policy", dtype=self.dtype,
@@ -146,31 +146,16 @@ class DiffusionRecipe(RecipeBase):
             raise ValueError("data.label_mode=soft sets label_smoothing per pair; remove loss.label_smoothing")
         self.validator = Validator(cfg.validation, d.resolution, cfg.train.output_dir, self.sample, self.export,
                                    scorer or reward_scorer(cfg.validation, accelerator.device))
-        if self.ref_kind == "precomputed":
-            self.reference.store("train", {"mse": self.precompute(self.train_data, "train", d.noise_draws)})
-            if self.eval_data is not None:
-                self.reference.store("eval", {"mse": self.precompute(self.eval_data, "eval", 1)})
-
-    # compatibility handles (tests, the demo and the method scripts read these)
-    @property
-    def scorer(self):
-        return self.validator.scorer
-
-    @scorer.setter
-    def scorer(self, fn):
-        self.validator.scorer = fn
+        if self.ref_kind == "precomputed":  # kept in data.cache_dir: later runs on the same data reuse it
+            for split, data, k in (("train", self.train_data, d.noise_draws), ("eval", self.eval_data, 1)):
+                if data is not None:
+                    tab = load_or_compute_table(reference_table_path(cfg, split, k),
+                                                lambda: self.precompute(data, split, k), accelerator.is_main_process)
+                    self.reference.store(split, {"mse": tab})
 
     @property
-    def stop(self) -> bool:
+    def stop(self) -> bool:  # the loop's early-stopping flag (reward-based checkpoint selection)
         return self.validator.stop
-
-    @property
-    def best_step(self):
-        return self.validator.best_step
-
-    @property
-    def best_reward(self):
-        return self.validator.best_reward
 
     def _setup_ppd(self, unet):
         """Embed every user from their first examples, then add the user branch to the UNet."""
@@ -182,6 +167,19 @@ class DiffusionRecipe(RecipeBase):
         add_user_branch(unet, next(iter(self.user_emb.values())).numel(), p.n_tokens, p.scale)
 
     # ------------------------------------------------------------------ data
+
+    def _caches_complete(self) -> bool:
+        d = self.cfg.data
+        return bool(d.cache_dir) and all(
+            cache_complete(Path(d.cache_dir) / name, cache_meta(p, d.random_flip, True, cache_dtype(self.cfg),
+                                                                 d.vae_latents == "sample"))
+            for name, p in (("train", self.train_data), ("eval", self.eval_data)) if p is not None)
+
+    def _place_frozen(self, modules):
+        for mod in modules:
+            mod.requires_grad_(False)
+            mod.eval()
+            mod.to(self.acc.device) if self.dtype == torch.float32 else mod.to(self.acc.device, dtype=self.dtype)
 
     def _pairs(self, source, split, max_examples):
         d = self.cfg.data
@@ -269,6 +267,7 @@ class DiffusionRecipe(RecipeBase):
     def sample(self, prompts: list[str], seeds: list[int], steps: int | None = None,
                guidance: float | None = None, resolution: int | None = None, unet=None):
         v = self.cfg.validation
+        self._place_frozen(self.comp.load_frozen())  # left on disk during training (cached latents and text)
         pipe = self.comp.pipeline(unet if unet is not None else self.unet)
         was = self.unet.training
         self.unet.eval()
@@ -289,6 +288,8 @@ class DiffusionRecipe(RecipeBase):
     def export(self, out_dir: str | Path, card: dict | None = None):
         """LoRA (``pipe.load_lora_weights(out_dir)``) or a full pipeline folder, plus a model card."""
         if self.acc.is_main_process:
+            if self.cfg.model.lora is None:
+                self.comp.load_frozen()  # a full pipeline folder includes them
             exporter.export(out_dir, self.cfg, self.comp, self.family, self.unet, self.ema, self.user_emb, card)
 
 

@@ -286,6 +286,8 @@ class DiffusionModelSection(PolicySource):
     reference_offload: bool = False
     """keep the frozen reference copy on CPU, moving layers to the accelerator as they run"""
     attention: Literal["sdpa", "xformers"] = "sdpa"
+    channels_last: bool = False
+    """UNet families: keep the UNet's convolution weights (and so its activations) in NHWC memory layout"""
     compile: bool = False
     ema: bool = False
     ema_decay: float = 0.9999
