@@ -12,19 +12,21 @@ slowest by far, runs once, with at most 2 timed steps):
                AdamW (its --use_8bit_adam is CUDA-only); frozen weights in the training dtype.
   salesforce   the original Salesforce train.py way: full UNet fine-tune, a frozen fp32 copy as the reference,
                VAE + text encoding every step, same data decoding.
-  mmalign      ``configs/sd15/diffusion_dpo_lora.yaml`` as shipped (rank 8, gradient checkpointing, the latent +
+  mmalign      ``configs/sd15/diffusion_dpo_lora.yaml`` (``configs/sdxl/...`` for --size sdxl) as shipped (rank 8, gradient checkpointing, the latent +
                text cache, reference = adapters disabled), through the real recipe and training loop, loading
                the same pipeline folder itself; only device-bound keys are changed on CPU (fp32, AdamW instead
                of 8-bit Adam). The cache is built by the first repeat (its time is reported as
                ``cache_build_s``); later repeats reuse it, as every later epoch and every later run on the same
                data does -- and, the cache being complete, never load the VAE or the text encoders.
   mmalign_precomputed   the same plus ``model.reference=precomputed, data.noise_draws=1``: reference scores
-               are computed once per pair before training, so the reference forward leaves the step.
+               are computed once per pair before training (and kept in the cache folder for later runs),
+               so the reference forward leaves the step.
 
 Printed: a table, then one JSON line with speed_ratio_vs_peer, memory_ratio_vs_peer, speed_ratio_vs_salesforce
 (mmalign as shipped), the same for mmalign_precomputed, and ``first_pass_ratio_vs_peer``: the peer's step time
-over ours *plus* the per-step share of building the cache / precomputing the reference, i.e. the ratio for a
-single pass over data nobody has cached yet. Step times are medians over all timed steps of all repeats (each
+over ours *plus* the per-step share of building the cache / precomputing the reference (the first run's
+setup less the loading time of the later runs), i.e. the ratio for a single pass over data nobody has cached
+yet. Peak memory: CUDA max allocated during the steps, or the process's peak RSS on CPU. Step times are medians over all timed steps of all repeats (each
 run warms up one step first).
 
     python scripts/bench_diffusion_dpo.py                                   # sd15 UNet, 16x16 latents, CPU
@@ -179,11 +181,11 @@ def run_peer(args, full: bool, hook=None) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     wdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     comp = components(args.size, args.latent, args.model_dir)
-    unet, vae, te = comp.unet, comp.vae, comp.text_encoder
-    for m in (unet, vae, te):
+    unet, vae, te, te2 = comp.unet, comp.vae, comp.text_encoder, comp.text_encoder_2
+    for m in (unet, vae, te) + ((te2,) if te2 is not None else ()):
         m.requires_grad_(False)
-    vae.to(dev, dtype=wdtype)
-    te.to(dev, dtype=wdtype)
+        if m is not unet:
+            m.to(dev, dtype=wdtype)
     if full:
         ref = copy.deepcopy(unet).to(dev).eval()  # Salesforce keeps the reference in fp32
         unet.requires_grad_(True).to(dev)
@@ -214,19 +216,27 @@ def run_peer(args, full: bool, hook=None) -> dict:
             feed = torch.cat(pv.chunk(2, dim=1))
             with torch.no_grad():
                 lat = vae.encode(feed).latent_dist.sample() * vae.config.scaling_factor
-                emb = te(batch["input_ids"].to(dev))[0].repeat(2, 1, 1)
+                ids = batch["input_ids"].to(dev)
+                if te2 is None:
+                    emb, extra = te(ids)[0].repeat(2, 1, 1), {}
+                else:  # the SDXL script: penultimate states of both encoders, te2's pooled output, time ids
+                    o1, o2 = te(ids, output_hidden_states=True), te2(ids, output_hidden_states=True)
+                    emb = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1).repeat(2, 1, 1)
+                    time_ids = torch.tensor([[px, px, 0, 0, px, px]], device=dev, dtype=emb.dtype)
+                    extra = {"added_cond_kwargs": {"text_embeds": o2[0].repeat(2, 1),
+                                                   "time_ids": time_ids.repeat(emb.shape[0], 1)}}
             noise = torch.randn_like(lat).chunk(2)[0].repeat(2, 1, 1, 1)
             t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0] // 2,), device=dev).repeat(2)
             noisy = sched.add_noise(lat, noise, t)
-            pred = unet(noisy, t, emb).sample
+            pred = unet(noisy, t, emb, **extra).sample
             mse = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
             if full:
                 with torch.no_grad():
-                    ref_pred = ref(noisy, t, emb).sample
+                    ref_pred = ref(noisy, t, emb, **extra).sample
             else:
                 unet.disable_adapters()
                 with torch.no_grad():
-                    ref_pred = unet(noisy, t, emb).sample.detach()
+                    ref_pred = unet(noisy, t, emb, **extra).sample.detach()
                 unet.enable_adapters()
             ref_mse = F.mse_loss(ref_pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
             (mw, ml), (rw, rl) = mse.chunk(2), ref_mse.chunk(2)
@@ -257,11 +267,15 @@ def mmalign_config(args, precomputed: bool):
             f"train.batch_size={args.batch}", "train.grad_accum=1", "train.log_every=1", "train.progress=false",
             "train.eval_every=0", "train.save_every=0", "train.report_to=[jsonl]", "train.num_workers=0",
             "validation.prompts=[]"]
-    if not cuda:  # device-bound keys only: no bf16 matmuls / 8-bit Adam on this CPU
-        over += ["train.mixed_precision=no", "train.optimizer=adamw"]
+    over.append("train.optimizer=adamw")  # as the peer path (the config's 8-bit Adam needs bitsandbytes)
+    if not cuda:  # device-bound keys only: no bf16 matmuls on this CPU
+        over.append("train.mixed_precision=no")
     if precomputed:
         over += ["model.reference=precomputed", "data.noise_draws=1"]
-    return load_config(ROOT / "configs/sd15/diffusion_dpo_lora.yaml", over)
+    if args.size == "sdxl":
+        over.append("model.vae=null")  # the config's fp16-fix VAE is a hub id; the bench model has its own
+    name = "sdxl" if args.size == "sdxl" else "sd15"
+    return load_config(ROOT / f"configs/{name}/diffusion_dpo_lora.yaml", over)
 
 
 def run_mmalign(args, precomputed: bool, hook=None) -> dict:
@@ -337,7 +351,11 @@ def main():
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--make-model", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make_model:
+        components(args.size, args.latent, args.make_model)
+        return None
     if args.path:
         return child(args)
     from mmalign.diffusion.data import write_pickapic_parquet
@@ -350,7 +368,11 @@ def main():
     rows = args.batch * (args.steps + 1)  # the rows one run reads: what the cache / precompute cover
     write_pickapic_parquet(work / "pairs.parquet", synthetic_pairs(rows, seed=0, image_size=px))
     args.model_dir = str(work / "model")
-    components(args.size, args.latent, args.model_dir)  # random weights written once, loaded by every run
+    # random weights written once, loaded by every run -- in a child process: a child's peak RSS starts at its
+    # parent's RSS at fork time (Linux carries the high-water mark across fork and exec), so the parent must
+    # never hold the model
+    subprocess.run([sys.executable, __file__, "--make-model", args.model_dir, "--size", args.size, "--latent",
+                    str(args.latent)], check=True, env=dict(os.environ, TQDM_DISABLE="1"))
     if args.profile:
         args.data, args.work = str(work / "pairs.parquet"), str(work / args.profile)
         return profile(args)
@@ -382,8 +404,10 @@ def main():
         if "setup_s" in ok[0]:
             s["cache_build_s"] = ok[0]["setup_s"] if not ok[0]["cache_reused"] else None
             s["setup_s_reused"] = [r["setup_s"] for r in ok if r["cache_reused"]]
-            # one pass over uncached data: the first run's setup shared out over its steps
-            s["first_pass_sec_per_step"] = s["sec_per_step"] + ok[0]["setup_s"] / (args.steps + 1)
+            # one pass over uncached data: the first run's one-off work (building the cache, precomputing the
+            # reference: its setup less the loading every run does, the peer's too) shared out over its steps
+            load = statistics.median(s["setup_s_reused"]) if s["setup_s_reused"] else 0.0
+            s["first_pass_sec_per_step"] = s["sec_per_step"] + max(0.0, ok[0]["setup_s"] - load) / (args.steps + 1)
         summary[path] = s
     print(f"\nDiffusion-DPO LoRA step: {args.size}-sized UNet (real config, random weights), {px}x{px} images "
           f"({args.latent}x{args.latent} latents), {args.batch} pair(s)/step, rank {args.rank}, {device}; "

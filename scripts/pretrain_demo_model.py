@@ -8,7 +8,8 @@ Real classes at toy size: AutoencoderKL (32x32 RGB -> 8x8x4 latents), CLIPTextMo
 UNet2DConditionModel with cross-attention, trained from scratch on the procedural shapes world.
 Captions are deliberately noisy (the colour word is wrong for --color-noise of the images, the shape
 word for --shape-noise), so the base model follows prompts only imperfectly: there is something for
-preference alignment to fix. Deterministic given the seed; about 35 minutes on 2 CPU cores.
+preference alignment to fix. Deterministic given the seed and device; about 45 minutes on 2 CPU cores
+(--device cpu), a few minutes on a GPU.
 
     python scripts/pretrain_demo_model.py [--out assets/models/shapes-sd]
     python scripts/pretrain_demo_model.py --family sd3 --vae-from assets/models/shapes-sd \
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 from mmalign.toyworld.world import COLORS, SHAPES, IMAGE_SIZE, all_prompts, describe, is_correct, oracle_score, render, sample_scene
 from mmalign.diffusion.models import TINY_CLIP_TOKENIZER, Components, save_components
+
+DEVICE = torch.device("cpu")
 
 
 def build(seed=0):
@@ -94,6 +97,7 @@ def train_vae(vae, steps, rng, log):
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     for step in range(steps):
         x, _ = batch_images(rng, 48)
+        x = x.to(DEVICE)
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
@@ -106,7 +110,7 @@ def train_vae(vae, steps, rng, log):
             log(f"vae step {step}: mse {F.mse_loss(rec, x).item():.5f} kl {kl.item():.1f}")
     with torch.no_grad():
         x, _ = batch_images(rng, 512)
-        z = vae.encode(x).latent_dist.mean
+        z = vae.encode(x.to(DEVICE)).latent_dist.mean
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     log(f"vae scaling_factor {vae.config.scaling_factor:.4f}")
 
@@ -117,7 +121,7 @@ def latent_pool(vae, rng, n, log):
     lats, scenes = [], []
     for lo in range(0, n, 256):
         x, sc = batch_images(rng, min(256, n - lo))
-        lats.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        lats.append(vae.encode(x.to(DEVICE)).latent_dist.mean * vae.config.scaling_factor)
         scenes += sc
     log(f"encoded a pool of {n} scenes")
     return torch.cat(lats), scenes
@@ -135,10 +139,10 @@ def train_unet(comp, steps, rng, args, log):
     t0 = time.time()
     for step in range(steps):
         idx = [rng.randrange(len(pool)) for _ in range(args.batch)]
-        lat = pool[idx]
+        lat = pool[torch.tensor(idx, device=pool.device)]
         caps = [noisy_caption(rng, pool_scenes[i], args.color_noise, args.shape_noise, 0.1) for i in idx]
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+                  return_tensors="pt").input_ids.to(DEVICE)
         noise = torch.randn_like(lat)
         if comp.kind == "sd3":
             # the SD3 pipeline's conditioning: penultimate CLIP hidden states of both encoders concatenated
@@ -149,13 +153,13 @@ def train_unet(comp, steps, rng, args, log):
             emb = F.pad(emb, (0, unet.config.joint_attention_dim - emb.shape[-1]))
             emb = torch.cat([emb, torch.zeros_like(emb)], dim=1)  # the zero T5 stream (no text_encoder_3)
             pooled = torch.cat([o.text_embeds for o in outs], dim=-1)
-            sigma = torch.sigmoid(torch.randn(lat.shape[0], generator=tgen)).view(-1, 1, 1, 1)
+            sigma = torch.sigmoid(torch.randn(lat.shape[0], generator=tgen)).view(-1, 1, 1, 1).to(DEVICE)
             pred = unet(hidden_states=(1 - sigma) * lat + sigma * noise, timestep=sigma.flatten() * 1000,
                         encoder_hidden_states=emb, pooled_projections=pooled).sample
             loss = F.mse_loss(pred, noise - lat)
         else:
             emb = te(ids)[0]
-            t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],))
+            t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],)).to(DEVICE)
             pred = unet(sched.add_noise(lat, noise, t), t, encoder_hidden_states=emb).sample
             loss = F.mse_loss(pred, noise)
         opt.zero_grad()
@@ -169,7 +173,7 @@ def train_unet(comp, steps, rng, args, log):
 
 @torch.no_grad()
 def evaluate(comp, n_per_prompt=8, seed=123):
-    pipe = comp.pipeline()
+    pipe = comp.pipeline().to(DEVICE)
     prompts = all_prompts()
     all_p = [p for p in prompts for _ in range(n_per_prompt)]
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(all_p))]
@@ -193,9 +197,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--family", choices=("sd", "sd3"), default="sd",
                     help="sd: UNet + DDPM (the demo's model); sd3: flow-matching MMDiT")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--vae-from", default=None, help="sd3: reuse this pipeline folder's VAE (no VAE training)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(2)
     rng = random.Random(args.seed)
     out = Path(args.out)
     logf = open(out.parent / f"{out.name}.pretrain.log", "w") if out.parent.exists() else None
@@ -215,6 +223,8 @@ def main():
     n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     log(f"params: {args.family} denoiser {n(comp.unet):.2f}M, vae {n(comp.vae):.2f}M, text "
         f"{sum(n(m) for m in (comp.text_encoder, comp.text_encoder_2) if m is not None):.2f}M")
+    for m in comp.frozen_modules() + [comp.unet]:
+        m.to(DEVICE)
     if not args.vae_from:
         train_vae(comp.vae, args.vae_steps, rng, log)
     train_unet(comp, args.unet_steps, rng, args, log)
@@ -224,7 +234,7 @@ def main():
     log(f"base model: oracle score {score:.3f}, prompt accuracy {acc:.3f}")
     # ship fp16 weights to keep the assets small; the demo loads them back as fp32
     for m in comp.frozen_modules() + [comp.unet]:
-        m.half()
+        m.half().cpu()
     save_components(comp, out)
     (out / "TRAINING.md").write_text(
         f"Pretrained by scripts/pretrain_demo_model.py {vars(args)}\n\nBase model on all 18 prompts x 8 seeds: "
