@@ -38,6 +38,15 @@ def cache_meta(pairs: PreferencePairs, flips: bool = True, text: bool = True, dt
             "dtype": str(dtype).removeprefix("torch."), "std": std}
 
 
+def caches_complete(data_cfg, splits: dict, dtype: torch.dtype) -> bool:
+    """True when ``data_cfg.cache_dir`` holds a finished cache for every split (``{name: pairs or None}``) as the
+    diffusion recipe builds it: a run on it never needs the VAE or the text encoders."""
+    d = data_cfg
+    return bool(d.cache_dir) and all(
+        cache_complete(Path(d.cache_dir) / name, cache_meta(p, d.random_flip, True, dtype, d.vae_latents == "sample"))
+        for name, p in splits.items() if p is not None)
+
+
 def cache_complete(path: str | Path, meta: dict) -> bool:
     """True when ``path`` holds a finished cache with exactly ``meta``: every shard, the report and (text
     caches) the empty-prompt conditioning -- a training run on it needs neither the VAE nor the text encoders."""
@@ -252,4 +261,22 @@ def load_or_compute_table(path: Path | None, compute, save: bool = True) -> torc
         tmp = path.with_suffix(".tmp")
         save_file({"mse": table.contiguous()}, str(tmp))
         os.replace(tmp, path)
+    return table
+
+
+@torch.no_grad()
+def precompute_table(data, inputs, ref_mse, split: str, draws: int, device, batch_size: int = 16) -> torch.Tensor:
+    """``ref_mse(x0, noise, t, cond)`` for every (row, draw) of ``data``, with each pair's keyed draws
+    (``inputs``: ``PairInputs``): ``[N, draws, 2]`` (winner, loser)."""
+    table = torch.zeros(len(data), draws, 2)
+    for k in range(draws):
+        for lo in range(0, len(data), batch_size):
+            batch = data.collate([data[i] for i in range(lo, min(len(data), lo + batch_size))])
+            if len(batch) == 0:
+                continue
+            batch.to(device)
+            gens = inputs.generators(batch, k, split)
+            x0, noise, t, cond = inputs.build(batch, gens, split)
+            w, l_ = ref_mse(x0, noise, t, cond).chunk(2)
+            table[batch.index.cpu(), k] = torch.stack([w, l_], -1).cpu()
     return table

@@ -113,6 +113,14 @@ class Components:
         return pipe
 
 
+def place_frozen(modules, device, dtype: torch.dtype):
+    """Frozen (no grad, eval mode) on ``device``, in ``dtype`` unless fp32 (the VAE / text encoders)."""
+    for mod in modules:
+        mod.requires_grad_(False)
+        mod.eval()
+        mod.to(device) if dtype == torch.float32 else mod.to(device, dtype=dtype)
+
+
 def _check_kind(kind: str):
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; use one of {list(KINDS)} (sd = SD 1.x/2.x)")

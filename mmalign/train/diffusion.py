@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 from mmalign.diffusion import export as exporter
-from mmalign.diffusion.cache import CachedPairs, build_cache, cache_complete, cache_meta
-from mmalign.diffusion.cache import load_or_compute_table, reference_table_path
+from mmalign.diffusion.cache import CachedPairs, build_cache, caches_complete, load_or_compute_table
+from mmalign.diffusion.cache import precompute_table, reference_table_path
 from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
 from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
-from mmalign.diffusion.models import Components, load_components, tiny_components
+from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.diffusion.validation import Validator, reward_scorer, sample_images
 from mmalign.losses import RunningMoments
@@ -87,7 +87,8 @@ class DiffusionRecipe(RecipeBase):
         self.eval_data = self._pairs(d.eval, d.eval_split, d.max_eval_examples) if d.eval else None
         # with a finished latent + text cache the step never runs the VAE or the text encoders: leave them on
         # disk (SDXL: 0.9B parameters, Flux: T5-XXL's 4.7B); validation and full exports read them when needed
-        comp = components or build_components(cfg, self.dtype, frozen=not self._caches_complete())
+        complete = caches_complete(d, {"train": self.train_data, "eval": self.eval_data}, cache_dtype(cfg))
+        comp = components or build_components(cfg, self.dtype, frozen=not complete)
         self.comp = comp
         f = cfg.flow
         self.family = family_for(comp, timestep_sampling=f.timestep_sampling, logit_mean=f.logit_mean,
@@ -95,7 +96,7 @@ class DiffusionRecipe(RecipeBase):
                                  max_sequence_length=f.max_sequence_length)
         unet = comp.denoiser
         set_attention(unet, cfg.model.attention, unet=not self.family.flow)
-        self._place_frozen(comp.frozen_modules())
+        place_frozen(comp.frozen_modules(), dev, self.dtype)
         if cfg.model.lora is not None:
             from peft import LoraConfig
 
@@ -168,18 +169,6 @@ class DiffusionRecipe(RecipeBase):
 
     # ------------------------------------------------------------------ data
 
-    def _caches_complete(self) -> bool:
-        d = self.cfg.data
-        return bool(d.cache_dir) and all(
-            cache_complete(Path(d.cache_dir) / name, cache_meta(p, d.random_flip, True, cache_dtype(self.cfg),
-                                                                 d.vae_latents == "sample"))
-            for name, p in (("train", self.train_data), ("eval", self.eval_data)) if p is not None)
-
-    def _place_frozen(self, modules):
-        for mod in modules:
-            mod.requires_grad_(False)
-            mod.eval()
-            mod.to(self.acc.device) if self.dtype == torch.float32 else mod.to(self.acc.device, dtype=self.dtype)
 
     def _pairs(self, source, split, max_examples):
         d = self.cfg.data
@@ -226,18 +215,7 @@ class DiffusionRecipe(RecipeBase):
     @torch.no_grad()
     def precompute(self, data, split: str, draws: int, batch_size: int = 16) -> Tensor:
         """Reference MSE for every (row, draw) with the initial model: ``[N, draws, 2]`` (winner, loser)."""
-        table = torch.zeros(len(data), draws, 2)
-        for k in range(draws):
-            for lo in range(0, len(data), batch_size):
-                batch = data.collate([data[i] for i in range(lo, min(len(data), lo + batch_size))])
-                if len(batch) == 0:
-                    continue
-                batch.to(self.acc.device)
-                gens = self.inputs.generators(batch, k, split)
-                x0, noise, t, cond = self.inputs.build(batch, gens, split)
-                w, l_ = self._ref_mse(x0, noise, t, cond).chunk(2)
-                table[batch.index.cpu(), k] = torch.stack([w, l_], -1).cpu()
-        return table
+        return precompute_table(data, self.inputs, self._ref_mse, split, draws, self.acc.device, batch_size)
 
     def compute(self, batch: ImagePairBatch, step: int = 0, split: str = "train") -> StepOutput:
         gens = self.inputs.generators(batch, step, split)
@@ -267,7 +245,7 @@ class DiffusionRecipe(RecipeBase):
     def sample(self, prompts: list[str], seeds: list[int], steps: int | None = None,
                guidance: float | None = None, resolution: int | None = None, unet=None):
         v = self.cfg.validation
-        self._place_frozen(self.comp.load_frozen())  # left on disk during training (cached latents and text)
+        place_frozen(self.comp.load_frozen(), self.acc.device, self.dtype)  # on disk while training on the cache
         pipe = self.comp.pipeline(unet if unet is not None else self.unet)
         was = self.unet.training
         self.unet.eval()
