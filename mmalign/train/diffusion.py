@@ -87,8 +87,8 @@ class DiffusionRecipe(RecipeBase):
         self.eval_data = self._pairs(d.eval, d.eval_split, d.max_eval_examples) if d.eval else None
         # with a finished latent + text cache the step never runs the VAE or the text encoders: leave them on
         # disk (SDXL: 0.9B parameters, Flux: T5-XXL's 4.7B); validation and full exports read them when needed
-        complete = caches_complete(d, {"train": self.train_data, "eval": self.eval_data}, cache_dtype(cfg))
-        comp = components or build_components(cfg, self.dtype, frozen=not complete)
+        comp = components or build_components(cfg, self.dtype, frozen=not caches_complete(
+            d, {"train": self.train_data, "eval": self.eval_data}, cache_dtype(cfg)))
         self.comp = comp
         f = cfg.flow
         self.family = family_for(comp, timestep_sampling=f.timestep_sampling, logit_mean=f.logit_mean,
