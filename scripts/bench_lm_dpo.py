@@ -11,6 +11,10 @@ on the shipped toy preference pairs, with AdamW, for the same number of optimise
          peak growth of resident memory over the process's size just before ``train()`` (sampled every
          2 ms), so the Python/torch/TRL import footprint, equal-ish for both, does not dilute the ratio
 
+Each is measured twice, with gradient checkpointing off for both and on for both: TRL's ``DPOConfig`` turns
+it on by default (``gradient_checkpointing=True``), mmalign's ``model.gradient_checkpointing`` is off by
+default, and comparing the two defaults would set recompute against memory. ``--gc off|on`` runs one setting.
+
     python scripts/bench_lm_dpo.py [--layers 6 --width 384 --batch 8 --steps 30]
 """
 from __future__ import annotations
@@ -36,17 +40,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = ROOT / "assets/data/toy_prefs/pairs_train.jsonl"
 
 
-def make_model(tok, layers, width, heads):
+def make_model(tok, layers, width, heads, vocab=None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_layer=layers, n_embd=width, n_head=heads, n_positions=256,
+    cfg = GPT2Config(vocab_size=vocab or len(tok), n_layer=layers, n_embd=width, n_head=heads, n_positions=256,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, resid_pdrop=0, embd_pdrop=0,
                      attn_pdrop=0)
     return GPT2LMHeadModel(cfg)
 
 
-def trl_trainer(model, tok, rows, batch, steps, out):
+def trl_trainer(model, tok, rows, batch, steps, out, gc: bool):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -56,12 +60,12 @@ def trl_trainer(model, tok, rows, batch, steps, out):
                          learning_rate=1e-4, max_length=128, use_cpu=not torch.cuda.is_available(), bf16=False,
                          beta=0.1, logging_steps=10_000, save_strategy="no", disable_dropout=True,
                          dataloader_num_workers=0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-                         weight_decay=0.0)
+                         weight_decay=0.0, gradient_checkpointing=gc)
         return DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=conf,
                           train_dataset=Dataset.from_list(rows), processing_class=tok)
 
 
-def ours(model, tok, batch, steps, out):
+def ours(model, tok, batch, steps, out, gc: bool):
     from accelerate import Accelerator
 
     from mmalign.config import config_from_dict
@@ -69,7 +73,7 @@ def ours(model, tok, batch, steps, out):
     from mmalign.train.lm import LMRecipe
 
     cfg = config_from_dict({
-        "recipe": "lm", "model": {"tiny": {"arch": "gpt2"}},
+        "recipe": "lm", "model": {"tiny": {"arch": "gpt2"}, "gradient_checkpointing": gc},
         "data": {"train": str(DATA), "max_length": 128, "max_prompt_length": 64},
         "loss": {"name": "dpo", "beta": 0.1},
         "train": {"output_dir": out, "max_steps": steps, "batch_size": batch, "lr": 1e-4, "log_every": 10_000,
@@ -79,7 +83,7 @@ def ours(model, tok, batch, steps, out):
     return LMRecipe(cfg, acc, model=model, tokenizer=tok), cfg
 
 
-def time_loops(base, tok, rows, batch, steps, tmp):
+def time_loops(base, tok, rows, batch, steps, tmp, gc: bool):
     from accelerate.state import AcceleratorState, GradientState
 
     from mmalign.train.loop import train
@@ -93,11 +97,11 @@ def time_loops(base, tok, rows, batch, steps, tmp):
             GradientState._reset_state()
             m = copy.deepcopy(base)
             if name == "trl":
-                tr = trl_trainer(m, tok, rows, batch, n, f"{tmp}/trl{n}")
+                tr = trl_trainer(m, tok, rows, batch, n, f"{tmp}/trl{n}", gc)
                 t0 = time.perf_counter()
                 tr.train()
             else:
-                recipe, cfg = ours(m, tok, batch, n, f"{tmp}/ours{n}")
+                recipe, cfg = ours(m, tok, batch, n, f"{tmp}/ours{n}", gc)
                 t0 = time.perf_counter()
                 train(recipe, cfg.train, recipe.acc)
             per.append(time.perf_counter() - t0)
@@ -105,16 +109,18 @@ def time_loops(base, tok, rows, batch, steps, tmp):
     return out
 
 
-def time_core(base, tok, rows, batch, repeats=10):
+def time_core(base, tok, rows, batch, gc: bool, repeats=10):
     """Forward + backward of the loss on one identical batch (TRL's collated batch for both)."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     m = copy.deepcopy(base)
-    tr = trl_trainer(m, tok, rows, batch, 1, "/tmp/mmalign-bench-core")
+    tr = trl_trainer(m, tok, rows, batch, 1, "/tmp/mmalign-bench-core", gc)
     b = tr.data_collator([tr.train_dataset[i] for i in range(batch)])
-    recipe, _ = ours(copy.deepcopy(base), tok, batch, 1, "/tmp/mmalign-bench-core-ours")
+    recipe, _ = ours(copy.deepcopy(base), tok, batch, 1, "/tmp/mmalign-bench-core-ours", gc)
+    tr.model.train()
+    recipe.model.train()
     from mmalign.data.text import PairBatch, Sequences
 
     pb = PairBatch(Sequences(b["input_ids"], b["attention_mask"], b["completion_mask"]), torch.arange(batch))
@@ -167,7 +173,8 @@ class PeakRSS:
             self.mb = (max(self.peak, self._rss()) - self.base) / 2**20
 
 
-def memory_child(name: str, layers: int, width: int, heads: int, batch: int, steps: int) -> None:
+def memory_child(name: str, layers: int, width: int, heads: int, batch: int, steps: int, gc: bool,
+                 vocab: int | None) -> None:
     """One trainer, one process: print its training peak memory (MB) as ``MEM <mb>``."""
     import tempfile
 
@@ -176,25 +183,27 @@ def memory_child(name: str, layers: int, width: int, heads: int, batch: int, ste
 
     tok = load_tokenizer(None)
     rows = [json.loads(x) for x in open(DATA)][: max(512, batch * (steps + 2))]
-    m = make_model(tok, layers, width, heads)
+    m = make_model(tok, layers, width, heads, vocab)
     with tempfile.TemporaryDirectory() as tmp:
         if name == "trl":
-            tr = trl_trainer(m, tok, rows, batch, steps, tmp)
+            tr = trl_trainer(m, tok, rows, batch, steps, tmp, gc)
             with PeakRSS() as p:
                 tr.train()
         else:
-            recipe, cfg = ours(m, tok, batch, steps, tmp)
+            recipe, cfg = ours(m, tok, batch, steps, tmp, gc)
             with PeakRSS() as p:
                 train(recipe, cfg.train, recipe.acc)
     print(f"MEM {p.mb:.1f}", flush=True)
 
 
-def measure_memory(args) -> dict:
+def measure_memory(args, gc: bool) -> dict:
     out = {}
     for name in ("mmalign", "trl"):
         r = subprocess.run([sys.executable, __file__, "--memory-child", name, "--layers", str(args.layers),
                             "--width", str(args.width), "--heads", str(args.heads), "--batch", str(args.batch),
-                            "--steps", str(min(args.steps, 10))], capture_output=True, text=True)
+                            "--steps", str(min(args.steps, 10)), "--gc", "on" if gc else "off"]
+                           + (["--vocab", str(args.vocab)] if args.vocab else []),
+                           capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("MEM ")]
         out[name] = float(line[0][4:]) if line else float("nan")
         if not line:
@@ -209,10 +218,16 @@ def main():
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--gc", choices=["both", "off", "on"], default="both",
+                    help="gradient checkpointing, the same setting for both trainers")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="model vocabulary (default: the toy tokenizer's 710; 50257 = GPT-2's, whose logits dominate)")
     ap.add_argument("--memory-child", choices=["mmalign", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    settings = {"both": [False, True], "off": [False], "on": [True]}[args.gc]
     if args.memory_child:
-        return memory_child(args.memory_child, args.layers, args.width, args.heads, args.batch, args.steps)
+        return memory_child(args.memory_child, args.layers, args.width, args.heads, args.batch, args.steps,
+                            settings[0], args.vocab)
     import tempfile
 
     import trl
@@ -222,27 +237,31 @@ def main():
 
     tok = load_tokenizer(None)
     rows = [json.loads(x) for x in open(DATA)][: max(512, args.batch * (args.steps + 2))]
-    base = make_model(tok, args.layers, args.width, args.heads)
-    with tempfile.TemporaryDirectory() as tmp:
-        loops = time_loops(base, tok, rows, args.batch, args.steps, tmp)
-    core = time_core(base, tok, rows, args.batch)
-    mem = measure_memory(args)
+    base = make_model(tok, args.layers, args.width, args.heads, args.vocab)
+    res = {}
+    for gc in settings:
+        with tempfile.TemporaryDirectory() as tmp:
+            loops = time_loops(base, tok, rows, args.batch, args.steps, tmp, gc)
+        res["on" if gc else "off"] = {"loop": loops, "core": time_core(base, tok, rows, args.batch, gc),
+                                      "peak_mb": measure_memory(args, gc)}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     n = sum(p.numel() for p in base.parameters())
     print(f"\nText DPO, GPT-2 {args.layers}x{args.width} ({n / 1e6:.1f}M params), batch {args.batch} pairs, "
-          f"TRL {trl.__version__}, {device}")
-    print_table(["measure", "mmalign s", "TRL s", "TRL / mmalign"],
-                [["loop: s per optimiser step", f"{loops['mmalign']:.4f}", f"{loops['trl']:.4f}",
-                  f"{loops['trl'] / loops['mmalign']:.2f}x"],
-                 ["core: loss fwd+bwd", f"{core['mmalign']:.4f}", f"{core['trl']:.4f}",
-                  f"{core['trl'] / core['mmalign']:.2f}x"]])
-    print_table(["peak training memory (MB)", "mmalign", "TRL", "mmalign / TRL"],
-                [["CUDA max allocated" if torch.cuda.is_available() else "RSS growth during train()",
-                  f"{mem['mmalign']:.0f}", f"{mem['trl']:.0f}", f"{mem['mmalign'] / mem['trl']:.2f}x"]])
-    print("JSON " + json.dumps({"device": device, "params": n, "batch": args.batch, "steps": args.steps,
-                                "trl": trl.__version__, "loop": loops, "core": core, "peak_mb": mem,
-                                "speed_ratio_vs_trl": round(loops["trl"] / loops["mmalign"], 3),
-                                "memory_ratio_vs_trl": round(mem["mmalign"] / mem["trl"], 3)}))
+          f"TRL {trl.__version__}, {device}; same gradient-checkpointing setting for both trainers per row "
+          "(TRL's DPOConfig default: on; mmalign's: off)")
+    mem_kind = "CUDA max allocated" if torch.cuda.is_available() else "RSS growth during train()"
+    table, out = [], {"device": device, "params": n, "batch": args.batch, "steps": args.steps, "trl": trl.__version__}
+    for k, r in res.items():
+        lo, co, me = r["loop"], r["core"], r["peak_mb"]
+        table.append([f"checkpointing {k}", f"{lo['mmalign']:.4f}", f"{lo['trl']:.4f}",
+                      f"{lo['trl'] / lo['mmalign']:.2f}x", f"{co['trl'] / co['mmalign']:.2f}x",
+                      f"{me['mmalign']:.0f}", f"{me['trl']:.0f}", f"{me['mmalign'] / me['trl']:.2f}x"])
+        out[f"gc_{k}"] = r
+        out[f"speed_ratio_vs_trl_gc_{k}"] = round(lo["trl"] / lo["mmalign"], 3)
+        out[f"memory_ratio_vs_trl_gc_{k}"] = round(me["mmalign"] / me["trl"], 3)
+    print_table(["setting", "mmalign s/step", "TRL s/step", "speed (TRL / mmalign)", "core fwd+bwd speed",
+                 f"mmalign MB ({mem_kind})", "TRL MB", "memory (mmalign / TRL)"], table)
+    print("JSON " + json.dumps(out))
 
 
 if __name__ == "__main__":

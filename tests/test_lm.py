@@ -166,3 +166,44 @@ def test_parquet_and_saved_dataset_sources(tmp_path):
     b = TextPreferenceData(str(tmp_path / "saved"), "pairs", tok, columns={"question": "prompt"})
     assert len(a) == len(b) == 10
     assert a[3]["seqs"] == b[3]["seqs"]
+
+
+def _gpt2(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, resid_pdrop=0,
+                                      embd_pdrop=0, attn_pdrop=0))
+
+
+def test_config_checkpointing_reaches_a_callers_model_and_leaves_the_loss(tmp_path):
+    """``model.gradient_checkpointing`` applies to a model passed in (as benches and notebooks do), and
+    recomputing activations changes no number."""
+    tok = load_tokenizer(None)
+    losses, grads = [], []
+    for gc in (False, True):
+        m = _gpt2(tok)
+        recipe = LMRecipe(tiny_cfg(tmp_path, f"model.gradient_checkpointing={str(gc).lower()}"),
+                          Accelerator(cpu=True), model=m, tokenizer=tok)
+        assert any(getattr(mod, "gradient_checkpointing", False) is True for mod in m.modules()) is gc
+        m.train()
+        batch = recipe.train_data.collate([recipe.train_data[i] for i in range(4)])
+        out = recipe.compute(batch)
+        out.loss.mean().backward()
+        losses.append(out.loss.detach())
+        grads.append(m.transformer.h[0].attn.c_attn.weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_reference_forward_runs_before_the_policy_forward(tmp_path):
+    """The reference's full-vocabulary logits are gone before the policy's (kept for backward) are made:
+    the step's peak holds one logits tensor, not two."""
+    tok = load_tokenizer(None)
+    m = _gpt2(tok)
+    recipe = LMRecipe(tiny_cfg(tmp_path), Accelerator(cpu=True), model=m, tokenizer=tok)
+    order = []
+    m.register_forward_hook(lambda *a: order.append("policy"))
+    recipe.reference.model.register_forward_hook(lambda *a: order.append("reference"))
+    recipe.compute(recipe.train_data.collate([recipe.train_data[i] for i in range(2)]))
+    assert order == ["reference", "policy"]

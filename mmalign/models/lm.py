@@ -91,11 +91,17 @@ def build_causal_lm(section, tokenizer=None):
     if section.dropout is not None:
         set_dropout(model, section.dropout)
     if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     if section.lora is not None:
         model = add_lora(model, section.lora)
     return model, tok
+
+
+def enable_gradient_checkpointing(model):
+    """Activation checkpointing of every decoder layer (recomputed in backward); no KV cache in training."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x's name
+    (enable or model.gradient_checkpointing_enable)()
+    model.config.use_cache = False
 
 
 def set_dropout(model, p: float):

@@ -23,7 +23,8 @@ from mmalign.data.text import (
     pad_sequences,
 )
 from mmalign.losses import LOSSES, RunningMoments, activation_mask, kto_kl, token_kl
-from mmalign.models.lm import TokenLogps, build_causal_lm, completion_logps, sample_completions
+from mmalign.models.lm import (TokenLogps, build_causal_lm, completion_logps, enable_gradient_checkpointing,
+                               sample_completions)
 from mmalign.models.reference import Reference, resolve_kind
 from mmalign.rewards.transform import reference_rewards, transformed_reward
 
@@ -41,6 +42,8 @@ class LMRecipe(RecipeBase):
         self.loss_fn, self.hp = cfg.loss.fn, dict(cfg.loss.params)
         if model is None:
             model, tokenizer = self.build_model(cfg)
+        elif cfg.model.gradient_checkpointing:  # a caller's model gets the config's checkpointing too
+            enable_gradient_checkpointing(model)
         self.model, self.tokenizer = model, tokenizer
         self.policy = model  # unwrapped handle (accelerate may wrap self.model in DDP)
         self.train_data, self.eval_data = self.build_data(cfg, tokenizer)
@@ -159,8 +162,10 @@ class LMRecipe(RecipeBase):
     def compute(self, batch, step: int = 0, split: str = "train") -> StepOutput:
         fn, kind, hp = self.loss_fn, self.loss_fn.kind, self.hp
         want = self._want()
-        pol = self._logps(self.model, batch.seqs, **want)
+        # reference first: its full-vocabulary logits are freed before the policy's (kept for backward) exist,
+        # so the peak holds one [2B, T, V] logits tensor, not two (TRL orders it the same way)
         ref_lp, ref_tab = self._ref(batch, split, want)
+        pol = self._logps(self.model, batch.seqs, **want)
         if ref_tab is None and ref_lp is not None and kind != "token":
             ref_tab = self._reference_scores(ref_lp, batch)
         extras = {}

@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from mmalign.config import to_dict
 from mmalign.data.images import open_image
 from mmalign.data.records import load_table
-from mmalign.models.lm import add_lora, set_dropout
+from mmalign.models.lm import add_lora, enable_gradient_checkpointing, set_dropout
 from mmalign.rewards import load_reward
 from mmalign.vl.data import VisionPreferenceData
 from mmalign.vl.models import generate, load_vlm, tiny_vlm
@@ -40,7 +40,7 @@ class VLMRecipe(LMRecipe):
         if m.dropout is not None:
             set_dropout(model, m.dropout)
         if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(model)
         if m.lora is not None:
             lo = m.lora
             if lo.target_modules is None:
