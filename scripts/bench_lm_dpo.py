@@ -253,12 +253,12 @@ def main():
     table, out = [], {"device": device, "params": n, "batch": args.batch, "steps": args.steps, "trl": trl.__version__}
     for k, r in res.items():
         lo, co, me = r["loop"], r["core"], r["peak_mb"]
-        table.append([f"checkpointing {k}", f"{lo['mmalign']:.4f}", f"{lo['trl']:.4f}",
-                      f"{lo['trl'] / lo['mmalign']:.2f}x", f"{co['trl'] / co['mmalign']:.2f}x",
-                      f"{me['mmalign']:.0f}", f"{me['trl']:.0f}", f"{me['mmalign'] / me['trl']:.2f}x"])
         out[f"gc_{k}"] = r
         out[f"speed_ratio_vs_trl_gc_{k}"] = round(lo["trl"] / lo["mmalign"], 3)
-        out[f"memory_ratio_vs_trl_gc_{k}"] = round(me["mmalign"] / me["trl"], 3)
+        out[f"memory_ratio_vs_trl_gc_{k}"] = round(me["mmalign"] / me["trl"], 3) if me["trl"] > 0 else float("nan")
+        table.append([f"checkpointing {k}", f"{lo['mmalign']:.4f}", f"{lo['trl']:.4f}",
+                      f"{lo['trl'] / lo['mmalign']:.2f}x", f"{co['trl'] / co['mmalign']:.2f}x",
+                      f"{me['mmalign']:.0f}", f"{me['trl']:.0f}", f"{out[f'memory_ratio_vs_trl_gc_{k}']:.2f}x"])
     print_table(["setting", "mmalign s/step", "TRL s/step", "speed (TRL / mmalign)", "core fwd+bwd speed",
                  f"mmalign MB ({mem_kind})", "TRL MB", "memory (mmalign / TRL)"], table)
     print("JSON " + json.dumps(out))

@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end at toy size and print the ratios their README rows quote (the timings
+themselves are not asserted: benchmarks are not timed tests)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_json(*argv: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = [x for x in p.stdout.splitlines() if x.startswith("JSON ")]
+    assert line, p.stdout[-3000:]
+    return json.loads(line[-1][5:])
+
+
+def test_diffusion_bench_prints_every_ratio_from_one_run():
+    out = run_json("scripts/bench_diffusion_dpo.py", "--size", "tiny", "--latent", "8", "--steps", "1",
+                   "--repeats", "1")
+    for key in ("speed_ratio_vs_peer", "memory_ratio_vs_peer", "speed_ratio_vs_salesforce", "first_pass_ratio_vs_peer",
+                "speed_ratio_vs_peer_precomputed", "memory_ratio_vs_peer_precomputed"):
+        assert out[key] > 0, key
+    paths = out["paths"]
+    assert {"peer", "salesforce", "mmalign", "mmalign_precomputed"} <= set(paths)
+    assert all("error" not in s for s in paths.values()), paths
+    # the precomputed path reuses the mmalign path's cache (as a sweep does): it builds none itself
+    assert paths["mmalign"]["cache_reused"] == [False] and paths["mmalign_precomputed"]["cache_reused"] == [True]
+    assert paths["mmalign"]["trainable"] == paths["peer"]["trainable"]  # the same LoRA on both sides
+
+
+def test_lm_bench_compares_with_trl_at_the_same_checkpointing():
+    out = run_json("scripts/bench_lm_dpo.py", "--layers", "1", "--width", "64", "--heads", "2", "--batch", "4",
+                   "--steps", "3", "--gc", "on")
+    assert out["speed_ratio_vs_trl_gc_on"] > 0 and "memory_ratio_vs_trl_gc_on" in out
+    assert "speed_ratio_vs_trl_gc_off" not in out
