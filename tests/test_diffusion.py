@@ -345,6 +345,18 @@ def test_channels_last_gives_the_same_scores(tmp_path):
         torch.testing.assert_close(ma["ref_mse_l"], mb["ref_mse_l"], rtol=1e-4, atol=1e-6)
 
 
+def test_compile_runs_the_compiled_module_with_the_same_scores(tmp_path, monkeypatch):
+    """``model.compile=true``: the step goes through ``torch.compile``'s module (here with the eager backend,
+    so the test needs no C++ toolchain and checks our wiring, not inductor) and scores as the plain UNet."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **k: real(m, backend="eager"))
+    a, b = recipe_(tmp_path / "a"), recipe_(tmp_path / "b", "model.compile=true")
+    assert a.model is a.unet and b.model is b.compiled and b.compiled is not None
+    ma, mb = (r.compute(batch_of(r), step=0).metrics for r in (a, b))
+    torch.testing.assert_close(ma["model_mse_w"], mb["model_mse_w"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ma["ref_mse_l"], mb["ref_mse_l"], rtol=1e-5, atol=1e-7)
+
+
 def test_precomputed_reference_table_is_kept_and_reused(tmp_path, monkeypatch):
     """The table lands in data.cache_dir; a run that changes only beta / lr / LoRA rank reads it instead of
     recomputing (same scores); a different seed (other noise draws) computes its own."""

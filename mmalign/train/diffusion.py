@@ -122,7 +122,7 @@ class DiffusionRecipe(RecipeBase):
             unet.to(memory_format=torch.channels_last)
         self.unet = self.policy = unet  # unwrapped handle (the UNet or flow transformer)
         self.compiled = torch.compile(unet) if cfg.model.compile else None
-        self.model = self.compiled or unet
+        self.model = self.compiled if self.compiled is not None else unet  # (a compiled module has no truth value)
         self.pipe = comp.pipeline(unet)
         self.inputs = PairInputs(self.family, self.pipe, comp.vae, cfg.data, cfg.train.seed, dev, self.dtype,
                                  ppd_user_tokens(self.user_emb, unet) if cfg.ppd is not None else None)
