@@ -38,12 +38,18 @@ def cache_meta(pairs: PreferencePairs, flips: bool = True, text: bool = True, dt
             "dtype": str(dtype).removeprefix("torch."), "std": std}
 
 
+def cache_options(data_cfg, dtype: torch.dtype) -> dict:
+    """The ``build_cache`` options a diffusion data section asks for -- one place for the build and for
+    ``caches_complete``, so a finished cache is always recognised as the one the run would build."""
+    return {"flips": data_cfg.random_flip, "dtype": dtype, "std": data_cfg.vae_latents == "sample"}
+
+
 def caches_complete(data_cfg, splits: dict, dtype: torch.dtype) -> bool:
     """True when ``data_cfg.cache_dir`` holds a finished cache for every split (``{name: pairs or None}``) as the
     diffusion recipe builds it: a run on it never needs the VAE or the text encoders."""
-    d = data_cfg
-    return bool(d.cache_dir) and all(
-        cache_complete(Path(d.cache_dir) / name, cache_meta(p, d.random_flip, True, dtype, d.vae_latents == "sample"))
+    o = cache_options(data_cfg, dtype)
+    return bool(data_cfg.cache_dir) and all(
+        cache_complete(Path(data_cfg.cache_dir) / name, cache_meta(p, o["flips"], True, o["dtype"], o["std"]))
         for name, p in splits.items() if p is not None)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mmalign.diffusion import export as exporter
-from mmalign.diffusion.cache import CachedPairs, build_cache, caches_complete, load_or_compute_table
+from mmalign.diffusion.cache import CachedPairs, build_cache, cache_options, caches_complete, load_or_compute_table
 from mmalign.diffusion.cache import precompute_table, reference_table_path
 from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
@@ -169,7 +169,6 @@ class DiffusionRecipe(RecipeBase):
 
     # ------------------------------------------------------------------ data
 
-
     def _pairs(self, source, split, max_examples):
         d = self.cfg.data
         return PreferencePairs(source, split, d.resolution, d.center_crop, d.drop_ties, d.columns, max_examples,
@@ -180,8 +179,7 @@ class DiffusionRecipe(RecipeBase):
     def _cached(self, pairs: PreferencePairs, path: Path) -> CachedPairs:
         if self.acc.is_main_process:
             build_cache(pairs, self.inputs.encode_pixels, path, encode_text=self.inputs.encode_text,
-                        flips=self.cfg.data.random_flip, progress=self.cfg.train.progress,
-                        dtype=cache_dtype(self.cfg), std=self.cfg.data.vae_latents == "sample")
+                        progress=self.cfg.train.progress, **cache_options(self.cfg.data, cache_dtype(self.cfg)))
         self.acc.wait_for_everyone()
         cached = CachedPairs(path, pairs)
         self.inputs.empty = cached.empty

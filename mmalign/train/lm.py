@@ -163,7 +163,7 @@ class LMRecipe(RecipeBase):
         fn, kind, hp = self.loss_fn, self.loss_fn.kind, self.hp
         want = self._want()
         # reference first: its full-vocabulary logits are freed before the policy's (kept for backward) exist,
-        # so the peak holds one [2B, T, V] logits tensor, not two (TRL orders it the same way)
+        # so the peak holds one [2B, T, V] logits tensor, not two (TRL 1.16 runs the policy first)
         ref_lp, ref_tab = self._ref(batch, split, want)
         pol = self._logps(self.model, batch.seqs, **want)
         if ref_tab is None and ref_lp is not None and kind != "token":
