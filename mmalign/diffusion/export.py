@@ -3,7 +3,10 @@ full pipeline folder; PPD's user branch; a short model card.
 
 LoRA files follow the diffusers training scripts per family: SD / SDXL save the UNet's peft state dict
 converted to diffusers keys (``unet_lora_layers``), SD3 / Flux save the transformer's peft state dict
-(``transformer_lora_layers``), each through the family pipeline's own ``save_lora_weights``.
+(``transformer_lora_layers``), each through the family pipeline's own ``save_lora_weights`` -- with the
+adapter's peft config as metadata (``unet_lora_adapter_metadata`` / ``transformer_lora_adapter_metadata``,
+as diffusers' ``training_utils._collate_lora_metadata`` does), so ``load_lora_weights`` restores ``lora_alpha``
+and a LoRA trained with alpha != r loads at the strength it was trained at.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ def save_lora(comp: Components, family: Family, denoiser, out: Path):
     if not family.flow:
         layers = convert_state_dict_to_diffusers(layers)
     pipe_cls = type(comp.pipeline(denoiser))
-    pipe_cls.save_lora_weights(str(out), **{family.lora_argument: layers})
+    metadata = family.lora_argument.replace("_layers", "_adapter_metadata")  # e.g. unet_lora_adapter_metadata
+    pipe_cls.save_lora_weights(str(out), **{family.lora_argument: layers,
+                                            metadata: denoiser.peft_config["default"].to_dict()})
 
 
 def save_full(comp: Components, denoiser, out: Path):
