@@ -39,3 +39,64 @@ def test_lora_with_alpha_not_r_loads_at_its_trained_strength(tmp_path, kind):
         ours = fam.predict(trained, x, t, cond)
     assert (ours - base).abs().max() > 1e-3  # the LoRA does something
     torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- 2. stale samples
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    from mmalign.diffusion.models import save_components
+
+    root = tmp_path_factory.mktemp("models")
+    for seed in (0, 1):
+        save_components(tiny_components("sd", seed=seed), root / f"m{seed}")
+    (root / "p.txt").write_text("a red circle\na blue square\n")
+    return root
+
+
+def _pixels(folder):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rows = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
+    return {r["file_name"]: np.asarray(Image.open(folder / r["file_name"])) for r in rows}
+
+
+def test_sample_into_a_used_folder_never_keeps_images_of_other_weights_or_settings(tmp_path, two_models, capsys):
+    import numpy as np
+
+    from mmalign.cli import main
+
+    def sample(model, *extra, out=tmp_path / "s"):
+        assert main(["sample", "--model", str(two_models / model), "--prompts", str(two_models / "p.txt"),
+                     "--seeds", "0", "1", "--steps", "2", "--resolution", "32", "--out", str(out), *extra]) == 0
+        return _pixels(out)
+
+    a = sample("m0")
+    b = sample("m1")  # another model, same folder: every image is sampled again
+    assert "4 image(s) there were made by other weights" in capsys.readouterr().out
+    fresh_b = sample("m1", out=tmp_path / "fresh")
+    for k in a:
+        assert np.array_equal(b[k], fresh_b[k]) and not np.array_equal(b[k], a[k]), k
+    mtimes = {k: (tmp_path / "s" / k).stat().st_mtime_ns for k in b}
+    sample("m1")  # the same request: nothing is re-sampled
+    assert all((tmp_path / "s" / k).stat().st_mtime_ns == t for k, t in mtimes.items())
+    sample("m1", "--guidance", "2")  # other settings: sampled again
+    assert "4 image(s)" in capsys.readouterr().out
+
+
+def test_a_lora_retrained_in_place_is_not_mistaken_for_the_old_one(tmp_path, two_models):
+    from safetensors.torch import load_file, save_file
+
+    from mmalign.diffusion.sampling import LORA_FILE, made_by
+
+    run(diffusion_cfg("sd", tmp_path / "t", "train.max_steps=1", "model.tiny={seed: 0, sample_size: 16}"))
+    lora = tmp_path / "t" / "final"
+    before = made_by(str(two_models / "m0"), str(lora), "sd")
+    sd = load_file(str(lora / LORA_FILE))
+    save_file({k: v * 2 for k, v in sd.items()}, str(lora / LORA_FILE))  # same path, new weights
+    after = made_by(str(two_models / "m0"), str(lora), "sd")
+    assert before["lora"] == after["lora"] and before["lora_sha256"] != after["lora_sha256"]

@@ -54,7 +54,7 @@ def run(args) -> int:
 
     from mmalign.cli.score import parse_models, parse_reward_args
     from mmalign.data.prompts import load_prompts
-    from mmalign.diffusion.sampling import LORA_FILE, load_pipeline, sample_to_folder
+    from mmalign.diffusion.sampling import LORA_FILE, load_pipeline, made_by, sample_to_folder
     from mmalign.evaluation import evaluate_folders, format_rows
     from mmalign.utils import print_table
 
@@ -82,7 +82,7 @@ def run(args) -> int:
             pipe, kind = load_pipeline(model, lora, device=dev)
             folders[n] = out / "samples" / n
             sample_to_folder(pipe, prompts, args.seeds, folders[n], args.steps, args.guidance, args.resolution,
-                             args.batch_size, meta={"model": model, "lora": lora, "kind": kind})
+                             args.batch_size, meta=made_by(model, lora, kind))
             del pipe
     res = evaluate_folders(folders, args.reward, out, base=next(iter(folders)), models=parse_models(args.model),
                            extra=parse_reward_args(args.reward_arg), tiny=args.tiny, device=args.device)

@@ -29,13 +29,13 @@ def run(args) -> int:
     import torch
 
     from mmalign.data.prompts import load_prompts
-    from mmalign.diffusion.sampling import load_pipeline, sample_to_folder
+    from mmalign.diffusion.sampling import load_pipeline, made_by, sample_to_folder
 
     prompts = load_prompts(args.prompts)[: args.max_prompts]
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe, kind = load_pipeline(args.model, args.lora, device=dev, dtype=getattr(torch, args.dtype))
     rows = sample_to_folder(pipe, prompts, args.seeds, args.out, args.steps, args.guidance, args.resolution,
-                            args.batch_size, meta={"model": args.model, "lora": args.lora, "kind": kind})
+                            args.batch_size, meta=made_by(args.model, args.lora, kind, args.dtype))
     print(f"{len(rows)} images ({len(prompts)} prompts x {len(args.seeds)} seeds, {kind}) -> {args.out} "
           f"(+ metadata.jsonl)")
     return 0

@@ -2,12 +2,15 @@
 
 ``load_pipeline(model, lora=DIR)`` builds the diffusers pipeline of the model's family (read from its
 ``model_index.json``), with an optional LoRA that must fit the base. ``sample_to_folder`` writes one
-PNG per (prompt, seed) and a ``metadata.jsonl`` (file_name, prompt, seed, model, lora, steps, guidance)
-that ``mmalign score`` and ``mmalign eval`` read; it skips images already written, so an interrupted
-run resumes.
+PNG per (prompt, seed) and a ``metadata.jsonl`` that ``mmalign score`` and ``mmalign eval`` read. Each row
+records what made its image (``made_by``: the model and a fingerprint of its weight files, the LoRA and the
+SHA-256 of its file, dtype; plus prompt, seed, steps, guidance, resolution); rows are appended as images are
+written, so an interrupted run resumes, and an image already in the folder is reused only when its row
+matches the new request exactly -- any other image is sampled again, and the run says how many.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -78,32 +81,91 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"{prompt_index:05d}-seed{seed}.png"
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_fingerprint(model: str) -> str | None:
+    """A digest of a local pipeline folder's weight files (name, size, modification time): a model re-trained
+    into the same folder gets another fingerprint. ``None`` for a hub id (its revision is not known here)."""
+    root = Path(resolve(model))
+    if not root.is_dir():
+        return None
+    files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*")
+                   if f.suffix in (".safetensors", ".bin", ".pt", ".ckpt") and f.is_file())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def made_by(model: str, lora: str | None = None, kind: str | None = None, dtype: str = "float32") -> dict:
+    """What identifies the weights behind an image, for ``sample_to_folder(meta=...)``: the model (local
+    folders by absolute path and weight-file fingerprint), the LoRA by absolute path and SHA-256 of its file."""
+    local = Path(resolve(model))
+    out = {"model": str(local.resolve()) if local.exists() else model, "model_files": weights_fingerprint(model),
+           "kind": kind, "dtype": dtype, "lora": None, "lora_sha256": None}
+    if lora:
+        p = Path(lora)
+        f = p / LORA_FILE if p.is_dir() else p
+        out.update(lora=str(p.resolve()), lora_sha256=_sha256(f) if f.is_file() else None)
+    return out
+
+
+def _existing_rows(meta_file: Path) -> dict[str, dict]:
+    """The last row per file name of an earlier ``metadata.jsonl`` (unreadable lines are ignored: their images
+    are sampled again)."""
+    rows = {}
+    if meta_file.is_file():
+        for line in meta_file.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and "file_name" in r:
+                rows[r["file_name"]] = r
+    return rows
+
+
 @torch.no_grad()
 def sample_to_folder(pipe, prompts: list[str], seeds: list[int], out: str | Path, steps: int = 30,
                      guidance: float = 5.0, resolution: int | None = None, batch_size: int = 8,
                      meta: dict | None = None, progress: bool = True) -> list[dict]:
-    """One image per (prompt, seed) under ``out`` (resumable), and ``out/metadata.jsonl``; returns the rows."""
+    """One image per (prompt, seed) under ``out`` and ``out/metadata.jsonl``; returns the rows. ``meta``
+    (``made_by(...)``) says which weights sample; images of an earlier run are reused only when they were made
+    by the same weights with the same prompt, seed, steps, guidance and resolution."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
-    todo = [x for x in plan if not (out / image_name(x[0], x[2])).exists()]
+    meta_file = out / "metadata.jsonl"
+    rows = [{"file_name": image_name(i, s), "prompt": p, "prompt_index": i, "seed": s, "steps": steps,
+             "guidance": guidance, "resolution": resolution, **(meta or {})} for i, p in enumerate(prompts)
+            for s in seeds]
+    old = _existing_rows(meta_file)
+    todo = [r for r in rows if not ((out / r["file_name"]).exists() and old.get(r["file_name"]) == r)]
+    stale = sum((out / r["file_name"]).exists() for r in todo)
+    if stale:
+        print(f"{out}: {stale} image(s) there were made by other weights or settings (model, LoRA, prompt, steps, "
+              "guidance or resolution): sampling them again", flush=True)
     kw = {"height": resolution, "width": resolution} if resolution else {}
-    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"sampling -> {out}", dynamic_ncols=True,
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"sampling -> {out}", dynamic_ncols=True,
                disable=not progress)
     for lo in range(0, len(todo), batch_size):
         chunk = todo[lo: lo + batch_size]
-        gens = [torch.Generator().manual_seed(s) for _, _, s in chunk]
-        images = pipe([p for _, p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      output_type="pil", **kw).images
-        for (i, _, s), im in zip(chunk, images):
-            tmp = out / (image_name(i, s) + ".tmp.png")
+        gens = [torch.Generator().manual_seed(r["seed"]) for r in chunk]
+        images = pipe([r["prompt"] for r in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                      generator=gens, output_type="pil", **kw).images
+        for r, im in zip(chunk, images):
+            tmp = out / (r["file_name"] + ".tmp.png")
             im.save(tmp)
-            tmp.replace(out / image_name(i, s))  # a killed run leaves no half-written image behind
+            tmp.replace(out / r["file_name"])  # a killed run leaves no half-written image behind
+        with open(meta_file, "a") as f:  # the record follows its images: a resumed run can trust both
+            f.write("".join(json.dumps(r) + "\n" for r in chunk))
         bar.update(len(chunk))
     bar.close()
-    rows = [{"file_name": image_name(i, s), "prompt": p, "prompt_index": i, "seed": s, "steps": steps,
-             "guidance": guidance, **(meta or {})} for i, p, s in plan]
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = meta_file.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(meta_file)
     return rows
 
 
@@ -122,4 +184,4 @@ def read_metadata(folder: str | Path) -> list[dict]:
 
 
 __all__ = ["detect_kind", "load_pipeline", "apply_lora", "sample_to_folder", "read_metadata", "image_name",
-           "FLOW_KINDS"]
+           "made_by", "FLOW_KINDS"]
