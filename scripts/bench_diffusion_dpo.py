@@ -292,7 +292,7 @@ def run_mmalign(args, precomputed: bool, hook=None) -> dict:
 
     cfg = mmalign_config(args, precomputed)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
-    cached = (Path(args.work).parent / "cache" / "train").exists()
+    cached = any((Path(args.work).parent / "cache").glob("train-*/meta.json"))
     t0 = time.perf_counter()
     recipe = DiffusionRecipe(cfg, acc)  # loads the pipeline folder itself, as `mmalign train` does
     setup = time.perf_counter() - t0  # loading; building the cache (first run only); precomputed reference scores

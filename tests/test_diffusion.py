@@ -243,7 +243,7 @@ def test_latent_cache_matches_pixels_and_resumes(tmp_path):
         lp = r_pix.compute(batch_of(r_pix, 6), step=step).metrics["model_mse_w"]
         lc = r_cache.compute(batch_of(r_cache, 6), step=step).metrics["model_mse_w"]
         torch.testing.assert_close(lp, lc, rtol=1e-4, atol=1e-6)  # fp32 storage: batch-order rounding only
-    shard = tmp_path / "cache" / "train" / "shard-00000.safetensors"
+    (shard,) = (tmp_path / "cache").glob("train-*/shard-00000.safetensors")  # <cache_dir>/<split>-<key>
     mtime = shard.stat().st_mtime
     recipe_(tmp_path / "c2", *base, f"data.cache_dir={tmp_path / 'cache'}")
     assert shard.stat().st_mtime == mtime  # resumable: complete shards are not rebuilt

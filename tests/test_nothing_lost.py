@@ -100,3 +100,80 @@ def test_a_lora_retrained_in_place_is_not_mistaken_for_the_old_one(tmp_path, two
     save_file({k: v * 2 for k, v in sd.items()}, str(lora / LORA_FILE))  # same path, new weights
     after = made_by(str(two_models / "m0"), str(lora), "sd")
     assert before["lora"] == after["lora"] and before["lora_sha256"] != after["lora_sha256"]
+
+
+# ---------------------------------------------------------------------------------------------- 3. cache key
+
+
+def test_latent_cache_is_keyed_by_the_model_vae_and_preprocessing(tmp_path):
+    """Another model, another VAE (model.vae), another crop or another data file never reads this cache."""
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from mmalign.diffusion.cache import NOT_CACHED, cache_key
+    from mmalign.diffusion.models import save_components
+    from mmalign.train.diffusion import DiffusionRecipe
+    from mmalign.train.sections import DiffusionDataSection
+
+    for seed in (0, 1):
+        save_components(tiny_components("sd", seed=seed), tmp_path / f"m{seed}")
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+
+    def latents(*ov):
+        cfg = diffusion_cfg("sd", tmp_path / "run", "model.tiny=null", "data.max_examples=4", "data.eval=null",
+                            cache, *ov)
+        r = DiffusionRecipe(cfg, Accelerator())
+        return r.train_data[0]["latents"]
+
+    a = latents(f"model.name_or_path={tmp_path / 'm0'}")
+    b = latents(f"model.name_or_path={tmp_path / 'm1'}")  # other VAE weights: other latents
+    assert not torch.allclose(a, b)
+    c = latents(f"model.name_or_path={tmp_path / 'm0'}", f"model.vae={tmp_path / 'm1'}")  # the VAE override
+    torch.testing.assert_close(c, b)
+    d = latents(f"model.name_or_path={tmp_path / 'm0'}", "data.center_crop=false")
+    assert d.shape == a.shape
+    assert len(list((tmp_path / "cache").glob("train-*"))) == 4
+    torch.testing.assert_close(latents(f"model.name_or_path={tmp_path / 'm0'}", "loss.beta=10"), a)  # shared
+    assert len(list((tmp_path / "cache").glob("train-*"))) == 4
+    # every data setting is either in the key or named as not changing the cache
+    fields = {f.name for f in dataclasses.fields(DiffusionDataSection)}
+    cfg = diffusion_cfg("sd", tmp_path / "run", cache)
+    keyed = set(cache_key(cfg, "train", torch.float32)["data"])
+    assert fields <= keyed | NOT_CACHED, fields - keyed - NOT_CACHED
+
+
+# ---------------------------------------------------------------------------------------------- 11. atomic writes
+
+
+def test_a_full_disk_while_caching_never_bricks_the_cache(tmp_path, monkeypatch, capsys):
+    """A write that fills the disk half-way leaves no truncated cache file behind; a cache whose meta.json an
+    older version left truncated is rebuilt with a message, not a crash."""
+    import errno
+
+    from accelerate import Accelerator
+
+    from mmalign.diffusion import cache as cache_mod
+    from mmalign.train.diffusion import DiffusionRecipe
+
+    cfg = lambda: diffusion_cfg("sd", tmp_path / "run", "data.max_examples=4", "data.eval=null",  # noqa: E731
+                                f"data.cache_dir={tmp_path / 'cache'}")
+    real = cache_mod.save_file
+
+    def full_disk(tensors, path, *a, **k):
+        if "empty" in str(path):
+            with open(path, "wb") as f:
+                f.write(b"\0" * 7)  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(cache_mod, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        DiffusionRecipe(cfg(), Accelerator())
+    monkeypatch.setattr(cache_mod, "save_file", real)
+    want = DiffusionRecipe(cfg(), Accelerator()).train_data[0]["latents"]  # resumes the build, reads fine
+    (path,) = (tmp_path / "cache").glob("train-*")
+    (path / "meta.json").write_text('{"rows": 4, "sha')  # truncated by a full disk (as before this fix)
+    got = DiffusionRecipe(cfg(), Accelerator()).train_data[0]["latents"]
+    assert "unreadable meta.json; rebuilding it" in capsys.readouterr().out
+    torch.testing.assert_close(got, want)

@@ -2,9 +2,15 @@
 
 ``build_cache`` encodes every pair once -- both images, unflipped and (optionally) flipped: the VAE
 posterior mean and (for ``data.vae_latents=sample``) its std, and the caption(s) -- into
-``shard-00000.safetensors``, ``shard-00001...``; each shard is written to a temp file and renamed, so an
-interrupted build resumes at the first missing shard. Rows whose images cannot be read are marked and
-listed in ``report.json``; ``CachedPairs`` skips them. Values are stored in ``dtype`` (the recipe passes
+``shard-00000.safetensors``, ``shard-00001...``; every file (shards, ``meta.json``, ``empty.safetensors``,
+``report.json``) is written to a temp file and renamed, so an interrupted build (a kill, a full disk) resumes
+at the first missing shard, and a cache whose metadata cannot be read is rebuilt, with a message. Rows whose
+images cannot be read are marked and listed in ``report.json``; ``CachedPairs`` skips them.
+
+Where: ``cache_path(cfg, split)`` = ``<data.cache_dir>/<split>-<key>``, the key a hash of everything the cached
+values depend on (``cache_key``: the model, its VAE / text encoders / tokenizers and their files, the encoder
+dtype, the data source and its files, the preprocessing settings), so another model, VAE, crop or caption
+source never reads this cache; a sweep over beta, lr or the loss shares it. Values are stored in ``dtype`` (the recipe passes
 the training dtype: fp32 without mixed precision -- never silently fp16, which moves a per-pair loss by
 up to ~0.03 at beta 5000). Latents are cached unpacked for every family (Flux packs them at step time).
 """
@@ -21,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mmalign.config import to_dict
-from mmalign.paths import resolve
+from mmalign.paths import WEIGHT_SUFFIXES, fingerprint, resolve
 
 from .data import ImagePairBatch, PreferencePairs
 
@@ -44,22 +50,89 @@ def cache_options(data_cfg, dtype: torch.dtype) -> dict:
     return {"flips": data_cfg.random_flip, "dtype": dtype, "std": data_cfg.vae_latents == "sample"}
 
 
-def caches_complete(data_cfg, splits: dict, dtype: torch.dtype) -> bool:
-    """True when ``data_cfg.cache_dir`` holds a finished cache for every split (``{name: pairs or None}``) as the
+# data settings that do not change what is cached (step-time draws, other splits, bookkeeping); every other
+# field of the data section is part of the key (tests/test_nothing_lost.py checks every field is one or the other)
+NOT_CACHED = {"caption_dropout", "noise_draws", "shared_noise", "cache_dir", "allow_outside_root", "eval",
+              "eval_split", "max_eval_examples", "train", "split", "max_examples", "cache_dtype"}
+TEXT_SUFFIXES = (".json", ".txt", ".model")  # tokenizer files
+
+
+def _source_fingerprint(source: str | None) -> dict:
+    p = Path(resolve(source)) if source else None
+    if p is None or not p.exists():
+        return {"source": source}  # a hub dataset: its name
+    tables = (".parquet", ".arrow", ".jsonl", ".json")
+    return {"source": str(p.resolve()), "files": fingerprint(p, None if p.is_file() else tables)}
+
+
+def cache_key(cfg, split: str, encoder_dtype: torch.dtype) -> dict:
+    """Everything the cached latents and embeddings of ``split`` ("train" / "eval") depend on."""
+    m, d = cfg.model, cfg.data
+    root = Path(resolve(m.name_or_path)) if m.name_or_path else None
+    files = {}
+    if root is not None and root.is_dir():
+        for sub in sorted(x.name for x in root.iterdir() if x.is_dir()):
+            if sub == "vae" or sub.startswith(("text_encoder", "tokenizer")):
+                files[sub] = fingerprint(root / sub, WEIGHT_SUFFIXES + TEXT_SUFFIXES)
+    source, dsplit, limit = (d.train, d.split, d.max_examples) if split == "train" else \
+        (d.eval, d.eval_split, d.max_eval_examples)
+    data = {k: v for k, v in to_dict(d).items() if k not in NOT_CACHED}
+    if d.center_crop:
+        data.pop("seed", None)
+    return {"model": {"kind": m.kind, "name_or_path": str(root.resolve()) if root and root.exists() else m.name_or_path,
+                      "tiny": m.tiny, "vae": m.vae, "vae_files": fingerprint(m.vae, WEIGHT_SUFFIXES) if m.vae else None,
+                      "files": files, "encoder_dtype": str(encoder_dtype)},
+            "data": {**_source_fingerprint(source), "split": dsplit, "max_examples": limit, **data,
+                     "dtype": str(cache_dtype(cfg)),
+                     "crop_seed": None if d.center_crop else cfg.train.seed},
+            "text_length": cfg.flow.max_sequence_length if m.kind in ("sd3", "flux") else None}
+
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cache_dtype(cfg) -> torch.dtype:
+    """``data.cache_dtype``; auto = the training dtype (bf16 / fp16 under mixed precision, else fp32)."""
+    if cfg.data.cache_dtype != "auto":
+        return getattr(torch, cfg.data.cache_dtype)
+    return HALF.get(cfg.train.mixed_precision, torch.float32)
+
+
+def cache_path(cfg, split: str, encoder_dtype: torch.dtype) -> Path:
+    """``<data.cache_dir>/<split>-<hash of cache_key>``."""
+    key = json.dumps(cache_key(cfg, split, encoder_dtype), sort_keys=True, default=str)
+    return Path(cfg.data.cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def caches_complete(cfg, splits: dict, encoder_dtype: torch.dtype) -> bool:
+    """True when ``data.cache_dir`` holds a finished cache for every split (``{name: pairs or None}``) as the
     diffusion recipe builds it: a run on it never needs the VAE or the text encoders."""
-    o = cache_options(data_cfg, dtype)
-    return bool(data_cfg.cache_dir) and all(
-        cache_complete(Path(data_cfg.cache_dir) / name, cache_meta(p, o["flips"], True, o["dtype"], o["std"]))
+    o = cache_options(cfg.data, cache_dtype(cfg))
+    return bool(cfg.data.cache_dir) and all(
+        cache_complete(cache_path(cfg, name, encoder_dtype), cache_meta(p, o["flips"], True, o["dtype"], o["std"]))
         for name, p in splits.items() if p is not None)
+
+
+def write_atomic(path: Path, data: bytes | str):
+    """Write ``path`` whole or not at all (temp file + rename): a full disk or a kill leaves the old file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def cache_complete(path: str | Path, meta: dict) -> bool:
     """True when ``path`` holds a finished cache with exactly ``meta``: every shard, the report and (text
     caches) the empty-prompt conditioning -- a training run on it needs neither the VAE nor the text encoders."""
     path = Path(path)
-    try:
-        old = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError):
+    old = _read_meta(path)
+    if old is None:
         return False
     if {k: old.get(k) for k in meta} != meta or not (path / "report.json").exists():
         return False
@@ -78,11 +151,15 @@ def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_
     path.mkdir(parents=True, exist_ok=True)
     meta = cache_meta(pairs, flips, encode_text is not None, dtype, std, shard_size)
     meta_file = path / "meta.json"
-    if meta_file.exists():
-        old = json.loads(meta_file.read_text())
-        if {k: old.get(k) for k in meta} != meta:
-            raise ValueError(f"cache {path} was built with {old}, now asked for {meta}: use another data.cache_dir")
-    meta_file.write_text(json.dumps(meta))
+    if meta_file.exists() or any(path.iterdir()):
+        old = _read_meta(path)
+        if old is None or {k: old.get(k) for k in meta} != meta:  # unreadable (a full disk, a kill) or other
+            print(f"cache {path}: {'unreadable meta.json' if old is None else 'built with other settings'}; "
+                  "rebuilding it", flush=True)
+            for f in path.iterdir():
+                if f.is_file():
+                    f.unlink()
+    write_atomic(meta_file, json.dumps(meta))
     n_shards = math.ceil(len(pairs) / shard_size)
     todo = [k for k in range(n_shards) if not _shard(path, k).exists()]
     bar = None
@@ -144,12 +221,16 @@ def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_
     if encode_text is not None and not (path / "empty.safetensors").exists():
         c = encode_text([""])
         empty = {"embeds": c.embeds[0], "pooled": None if c.pooled is None else c.pooled[0], "txt_ids": c.txt_ids}
-        save_file({k: v.cpu().to(dtype).contiguous() for k, v in empty.items() if v is not None},
-                  str(path / "empty.safetensors"))
+        tmp = path / ".empty.safetensors.tmp"
+        save_file({k: v.cpu().to(dtype).contiguous() for k, v in empty.items() if v is not None}, str(tmp))
+        os.replace(tmp, path / "empty.safetensors")
     report_file = path / "report.json"
-    prev = json.loads(report_file.read_text())["corrupt_rows"] if report_file.exists() else []
+    try:
+        prev = json.loads(report_file.read_text())["corrupt_rows"] if report_file.exists() else []
+    except (ValueError, KeyError):
+        prev = []  # a half-written report of an older build: this build's rows are listed again
     report = {"rows": len(pairs), "corrupt_rows": sorted(set(prev + corrupt)), "shards": n_shards}
-    report_file.write_text(json.dumps(report))
+    write_atomic(report_file, json.dumps(report))
     return report
 
 
@@ -247,9 +328,7 @@ def reference_table_path(cfg, split: str, draws: int) -> Path | None:
     weights = []
     if cfg.model.name_or_path:
         root = Path(resolve(cfg.model.name_or_path))
-        for sub in ("unet", "transformer"):
-            weights += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted((root / sub).glob("*"))
-                        if f.suffix in (".safetensors", ".bin")]
+        weights = [fingerprint(root / sub, WEIGHT_SUFFIXES) for sub in ("unet", "transformer")]
     key = {"model": model, "weights": weights, "data": to_dict(cfg.data), "flow": to_dict(cfg.flow),
            "seed": cfg.train.seed, "precision": cfg.train.mixed_precision, "draws": draws, "split": split,
            "ppd": to_dict(cfg.ppd) if cfg.ppd is not None else None}

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.data.records import DataError
-from mmalign.paths import resolve
+from mmalign.paths import WEIGHT_SUFFIXES, fingerprint, resolve
 
 from .models import FLOW_KINDS, load_components
 
@@ -89,22 +89,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def weights_fingerprint(model: str) -> str | None:
-    """A digest of a local pipeline folder's weight files (name, size, modification time): a model re-trained
-    into the same folder gets another fingerprint. ``None`` for a hub id (its revision is not known here)."""
-    root = Path(resolve(model))
-    if not root.is_dir():
-        return None
-    files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*")
-                   if f.suffix in (".safetensors", ".bin", ".pt", ".ckpt") and f.is_file())
-    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
-
-
 def made_by(model: str, lora: str | None = None, kind: str | None = None, dtype: str = "float32") -> dict:
     """What identifies the weights behind an image, for ``sample_to_folder(meta=...)``: the model (local
     folders by absolute path and weight-file fingerprint), the LoRA by absolute path and SHA-256 of its file."""
     local = Path(resolve(model))
-    out = {"model": str(local.resolve()) if local.exists() else model, "model_files": weights_fingerprint(model),
+    out = {"model": str(local.resolve()) if local.exists() else model, "model_files": fingerprint(model, WEIGHT_SUFFIXES),
            "kind": kind, "dtype": dtype, "lora": None, "lora_sha256": None}
     if lora:
         p = Path(lora)

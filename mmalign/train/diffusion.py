@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from mmalign.diffusion import export as exporter
-from mmalign.diffusion.cache import CachedPairs, build_cache, cache_options, caches_complete, load_or_compute_table
-from mmalign.diffusion.cache import precompute_table, reference_table_path
+from mmalign.diffusion.cache import HALF, CachedPairs, build_cache, cache_dtype, cache_options, cache_path
+from mmalign.diffusion.cache import caches_complete, load_or_compute_table, precompute_table, reference_table_path
 from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
 from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
@@ -32,18 +32,11 @@ from .recipe import RecipeBase, run_recipe
 from .sections import DiffusionConfig
 
 Tensor = torch.Tensor
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def frozen_dtype(cfg: DiffusionConfig) -> torch.dtype:
     if cfg.model.frozen_dtype != "auto":
         return getattr(torch, cfg.model.frozen_dtype)
-    return HALF.get(cfg.train.mixed_precision, torch.float32)
-
-
-def cache_dtype(cfg: DiffusionConfig) -> torch.dtype:
-    if cfg.data.cache_dtype != "auto":
-        return getattr(torch, cfg.data.cache_dtype)
     return HALF.get(cfg.train.mixed_precision, torch.float32)
 
 
@@ -88,7 +81,7 @@ class DiffusionRecipe(RecipeBase):
         # with a finished latent + text cache the step never runs the VAE or the text encoders: leave them on
         # disk (SDXL: 0.9B parameters, Flux: T5-XXL's 4.7B); validation and full exports read them when needed
         comp = components or build_components(cfg, self.dtype, frozen=not caches_complete(
-            d, {"train": self.train_data, "eval": self.eval_data}, cache_dtype(cfg)))
+            cfg, {"train": self.train_data, "eval": self.eval_data}, self.dtype))
         self.comp = comp
         f = cfg.flow
         self.family = family_for(comp, timestep_sampling=f.timestep_sampling, logit_mean=f.logit_mean,
@@ -127,9 +120,9 @@ class DiffusionRecipe(RecipeBase):
         self.inputs = PairInputs(self.family, self.pipe, comp.vae, cfg.data, cfg.train.seed, dev, self.dtype,
                                  ppd_user_tokens(self.user_emb, unet) if cfg.ppd is not None else None)
         if d.cache_dir:
-            self.train_data = self._cached(self.train_data, Path(d.cache_dir) / "train")
+            self.train_data = self._cached(self.train_data, cache_path(cfg, "train", self.dtype))
             if self.eval_data is not None:
-                self.eval_data = self._cached(self.eval_data, Path(d.cache_dir) / "eval")
+                self.eval_data = self._cached(self.eval_data, cache_path(cfg, "eval", self.dtype))
             if comp.release_frozen():  # cache built: free the VAE / text encoders for the training steps
                 self.pipe = self.inputs.pipe = self.inputs.vae = None
 
