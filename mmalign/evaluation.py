@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmalign.data.records import DataError
+
 BOOTSTRAP = 2000
 
 
@@ -112,7 +114,6 @@ img{{width:192px;height:192px;object-fit:contain;image-rendering:pixelated;backg
 def align_folders(folders: dict[str, str | Path]) -> tuple[list[tuple[str, int]], dict[str, dict]]:
     """Items (prompt, seed) present in every folder, and per folder {(prompt, seed): metadata row}; folders
     that were not sampled on the same prompts and seeds are a clear error (nothing would be paired)."""
-    from mmalign.data.records import DataError  # noqa: I001 - light, kept beside the next one
     from mmalign.diffusion.sampling import read_metadata  # diffusers: loaded only when folders are compared
 
     by = {}
@@ -132,20 +133,29 @@ def align_folders(folders: dict[str, str | Path]) -> tuple[list[tuple[str, int]]
     return order, by
 
 
+def _open(folder, name: str):
+    from mmalign.data.images import open_image  # PIL: loaded only when folders are scored
+
+    try:
+        return open_image(name, root=Path(folder), where=f"{folder}/metadata.jsonl")
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{Path(folder) / name}: unreadable image ({type(e).__name__}: {e})") from e
+
+
 def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: str | Path, base: str | None = None,
                      models: dict | None = None, extra: dict | None = None, tiny: bool = False, device=None,
                      batch_size: int = 16, seed: int = 0, gallery_items: int = 64) -> dict:
     """Score every folder's images (paired by prompt and seed) with every reward; write ``scores.csv`` (one
     row per item and model), ``summary.json`` / ``summary.csv`` and ``gallery.html`` under ``out``."""
-    from mmalign.data.images import open_image  # PIL: loaded only when folders are scored
-    from mmalign.rewards.scoring import check_inputs, score_images, write_rows  # reward models: same
+    from mmalign.rewards.scoring import check_inputs, score_images, write_rows  # reward models: loaded when scored
 
     out = Path(out)
     names = list(folders)
     base = base or names[0]
     keys, by = align_folders(folders)
-    images = {n: [open_image(by[n][k]["file_name"], root=Path(folders[n])) for k in keys]
-              for n in names}
+    images = {n: [_open(folders[n], by[n][k]["file_name"]) for k in keys] for n in names}
     prompts = [k[0] for k in keys]
     check_inputs(rewards, [Path(by[base][k]["file_name"]) for k in keys], prompts, None)
     scores = {n: score_images(rewards, images[n], prompts, None, models, extra, tiny, device, batch_size)

@@ -41,9 +41,9 @@ def test_train_runs_from_another_directory(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_bad_config_exits_2_with_message(tmp_path):
+def test_bad_config_exits_1_with_message(tmp_path):
     r = sh("train", "configs/tiny/lm_dpo.yaml", "loss.name=nope")
-    assert r.returncode == 2
+    assert r.returncode == 1
     assert "unknown loss 'nope'" in r.stderr
 
 
@@ -74,4 +74,4 @@ def test_help_is_fast_and_loads_no_torch():
 
 def test_bad_input_is_one_error_line(tmp_path):
     r = sh("score", "--reward", "clipscore", "--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "s.csv"))
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: no images found") and "Traceback" not in r.stderr
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: no images found") and "Traceback" not in r.stderr

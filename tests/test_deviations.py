@@ -125,3 +125,30 @@ def test_vae_latents_are_posterior_samples_keyed_by_the_pair(tmp_path):
     bm = rm.train_data.collate([rm.train_data[i] for i in range(4)])
     x0m, *_ = rm.inputs.build(bm, rm.inputs.generators(bm, 3, "train"), "train")
     torch.testing.assert_close(x0m, mean, rtol=1e-5, atol=1e-6)
+
+
+def test_flow_beta_follows_the_cited_source_per_family():
+    """SD3.5: beta 100 as the authors' SD3.5-medium DPO configs (flow_grpo config/dpo.py) and Flow-Factory's SD3.5
+    example; Flux: 2000 as the flow_grpo maintainers advised for a Flux run (issue #47). Each config cites it."""
+    sd35, flux = (load_config(ROOT / f"configs/{n}/diffusion_dpo_lora.yaml") for n in ("sd35", "flux"))
+    assert sd35.loss.params["beta"] == 100 and flux.loss.params["beta"] == 2000
+    assert "flow_grpo config/dpo.py" in (ROOT / "configs/sd35/diffusion_dpo_lora.yaml").read_text()
+    assert "issue #47" in (ROOT / "configs/flux/diffusion_dpo_lora.yaml").read_text()
+
+
+def test_flow_sigma_is_drawn_per_pair_from_the_shifted_scheduler_table():
+    """As flow_grpo and the diffusers SD3 script (not Flow-Factory's one continuous, unshifted t per batch): each
+    pair draws its own sigma from its own generator, and every sigma is an entry of the shift-3 table."""
+    from mmalign.diffusion.families import family_for
+    from mmalign.diffusion.models import tiny_components
+    from mmalign.utils import example_generator
+
+    fam = family_for(tiny_components("sd3"))
+    gens = [example_generator(0, 0, row) for row in range(64)]
+    _, sigma = fam.draw((4, 8, 8), gens, "cpu")
+    assert len(set(sigma.tolist())) > 32  # per pair, not one per batch
+    assert set(sigma.tolist()) <= set(fam.sigmas.tolist())  # table entries only
+    sched = fam.scheduler
+    assert sched.config.shift == 3.0 and float(fam.sigmas[500]) > 0.5 + 0.2  # shifted: sigma(t=500) = 0.75
+    _, again = fam.draw((4, 8, 8), [example_generator(0, 0, row) for row in range(64)][5:6], "cpu")
+    assert float(again[0]) == float(sigma[5])  # a pair's draw does not depend on the rest of the batch

@@ -299,7 +299,8 @@ def test_all_unreadable_batch_skips_the_step_not_the_run(tmp_path):
         rows[i]["jpg_0"] = b"broken"
     write_pickapic_parquet(tmp_path / "c.parquet", rows)
     res = run(cfg_(tmp_path / "run", f"data.train={tmp_path / 'c.parquet'}", "data.eval=null", "train.max_steps=6",
-                   "train.batch_size=2", "train.eval_every=0", "train.log_every=1"))
+                   "train.batch_size=2", "train.eval_every=0", "train.log_every=1",
+                   "train.max_unreadable_fraction=0.9"))  # 4 of 6 rows unreadable: above the default limit
     assert res.step == 6
     last = res.history[-1]
     assert last["train/skipped_rows"] == 8  # 4 unreadable rows x 2 epochs

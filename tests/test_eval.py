@@ -85,11 +85,11 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     sample_to_folder(p, ["a red circle"], [0, 1], tmp_path / "a", steps=2, resolution=32, progress=False)
     sample_to_folder(p, ["a red circle"], [0, 2], tmp_path / "b", steps=2, resolution=32, progress=False)
     assert main(["eval", "--folder", f"base={tmp_path / 'a'}", "--folder", f"t={tmp_path / 'b'}", "--reward", "world",
-                 "--out", str(tmp_path / "e")]) == 2
+                 "--out", str(tmp_path / "e")]) == 1
     err = capsys.readouterr().err
     assert "were not sampled on the same (prompt, seed) items" in err and "only in base" in err
-    assert main(["eval", "--folder", f"base={tmp_path / 'a'}", "--reward", "world", "--out", str(tmp_path / "e")]) == 2
-    assert main(["sample", "--model", str(tmp_path / "tiny"), "--prompts", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert main(["eval", "--folder", f"base={tmp_path / 'a'}", "--reward", "world", "--out", str(tmp_path / "e")]) == 1
+    assert main(["sample", "--model", str(tmp_path / "tiny"), "--prompts", "nope", "--out", str(tmp_path / "x")]) == 1
 
 
 def test_statistics_hand_values():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from mmalign.config import ConfigError
 from mmalign.train import checkpoint as ckpt
 from mmalign.train.sections import TrainSection
 from mmalign.train.loop import NonFiniteLossError, ResumableBatches, train
@@ -90,7 +91,7 @@ def test_checkpoint_is_safetensors_json_and_atomic(tmp_path):
     # a half-written directory (crash during save) is never picked up as latest
     (root / "step-00000006.tmp").mkdir()
     assert ckpt.resolve_checkpoint(tmp_path, "latest").name == "step-00000004"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):  # one CLI error line
         ckpt.resolve_checkpoint(tmp_path, str(root / "step-00000006.tmp"))
 
 

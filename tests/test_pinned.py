@@ -53,12 +53,18 @@ def first_losses(name: str, tmp) -> list[float]:
     return losses
 
 
+# Diffusion-DPO at beta 5000 amplifies last-bit differences of the CPU's convolution kernels: the commit these
+# were recorded at gives up to 4.4e-4 relative difference at step 5 on another Xeon (2026-12-04: 0.60412 vs
+# 0.60385). A changed draw or formula moves them by 1e-2 and more (vae_latents mean -> sample: 0.692 -> 0.626).
+RTOL = {"diffusion_sd": 1e-3, "diffusion_sd_mean": 1e-3}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_first_five_losses_are_pinned(name, tmp_path):
     torch.manual_seed(0)
     got = first_losses(name, tmp_path)
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(PINNED[name], dtype=torch.float64),
-                               rtol=2e-4, atol=2e-6, msg=lambda m: f"{name}: trajectory moved: {got}\n{m}")
+                               rtol=RTOL.get(name, 2e-4), atol=2e-6, msg=lambda m: f"{name}: trajectory moved: {got}\n{m}")
 
 
 if __name__ == "__main__":  # print fresh values to paste into PINNED

@@ -48,14 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_line(e: BaseException) -> str:
+    """One line for a user-facing failure: the project's own errors say what to do; an OSError names its path."""
+    if isinstance(e, OSError):
+        where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+        text = e.strerror or str(e)
+        return f"{text}: {where}" if where else text
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success, 1 on bad input or a failing file system (one ``error:`` line, no traceback; a bug still
+    shows its traceback), 2 on a malformed command line (argparse), 130 on Ctrl-C."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError) as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (DataError, ConfigError, OSError) as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -29,6 +29,8 @@ def run(args) -> int:
 
     if not args.model and not args.tiny:
         raise DataError("pass --model (a captioner folder or BLIP id) or --tiny")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
     files, images, bad = read_images(list_images(args.images))
     if not images:
         raise DataError(f"no readable images at {args.images!r}")

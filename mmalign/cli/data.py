@@ -16,6 +16,8 @@ from mmalign.data.records import DataError
 
 # Library imports are inside run(): building the parser (mmalign --help) must not load torch (~4 s).
 
+OUTSIDE = "let the table name image files outside its own folder (trusted data only)"
+
 
 def add_arguments(p):
     s = p.add_subparsers(dest="tool", required=True)
@@ -42,17 +44,24 @@ def _fifa_args(f):
     f.add_argument("--k", type=int, default=5)
     f.add_argument("--out", required=True)
     f.add_argument("--report", default=None)
+    f.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE)
 
 
 def cmd_fifa(args) -> int:
+    from functools import partial
+
     from mmalign.data.fifa import fifa_filter
+    from mmalign.data.images import open_image
     from mmalign.diffusion.data import load_pairs_table
     from mmalign.rewards import load_reward
     from mmalign.utils import print_table
 
-    table, _ = load_pairs_table(args.data)
+    if not 0.0 < args.fraction <= 1.0:
+        raise DataError(f"--fraction must be in (0, 1], got {args.fraction}")
+    table, root = load_pairs_table(args.data, allow_outside_root=args.allow_outside_root)
     reward = load_reward(args.reward, model=args.model, tiny=args.tiny)
-    out, res = fifa_filter(table, reward, args.fraction, args.alpha, args.gamma, args.k)
+    out, res = fifa_filter(table, reward, args.fraction, args.alpha, args.gamma, args.k,
+                           open_fn=partial(open_image, root=root, allow_outside_root=args.allow_outside_root))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_parquet(args.out)
     rep = res.report
@@ -76,6 +85,7 @@ def _dcpo_args(d):
     d.add_argument("--captioner", default=None, help="BLIP folder / hub id, or world:NAME (a world's oracle describer)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True)
+    d.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE)
 
 
 def captioner_from(spec: str | None):
@@ -90,11 +100,15 @@ def captioner_from(spec: str | None):
 
 
 def cmd_dcpo(args) -> int:
+    from functools import partial
+
     from mmalign.data.captions import add_dual_captions
+    from mmalign.data.images import open_image
     from mmalign.diffusion.data import load_pairs_table
 
-    table, _ = load_pairs_table(args.data)
-    out = add_dual_captions(table, args.strategy, args.level, captioner_from(args.captioner), args.seed)
+    table, root = load_pairs_table(args.data, allow_outside_root=args.allow_outside_root)
+    out = add_dual_captions(table, args.strategy, args.level, captioner_from(args.captioner), args.seed,
+                            open_fn=partial(open_image, root=root, allow_outside_root=args.allow_outside_root))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_parquet(args.out)
     ex = out[0]
@@ -151,6 +165,7 @@ def _bdhs_args(p):
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--allow-outside-root", action="store_true", help=OUTSIDE)
 
 
 def cmd_bdhs(args) -> int:
@@ -161,7 +176,7 @@ def cmd_bdhs(args) -> int:
     import datasets
 
     from mmalign.data.images import open_image
-    from mmalign.data.records import load_table, require_columns
+    from mmalign.data.records import load_table, require_columns, table_root
     from mmalign.vl.bdhs import bdhs_dataset
     from mmalign.vl.models import load_vlm, tiny_llava
     from mmalign.worlds import get_world
@@ -172,7 +187,10 @@ def cmd_bdhs(args) -> int:
     else:
         t = load_table(args.data)
         require_columns(t, ["prompt", "image", "answer"], args.data, "BDHS")
-        rows = [{"prompt": r["prompt"], "image": open_image(r["image"]), "answer": r["answer"]} for r in t]
+        root = table_root(args.data)
+        rows = [{"prompt": r["prompt"], "answer": r["answer"],
+                 "image": open_image(r["image"], root, args.allow_outside_root, f"{args.data}: row {i}")}
+                for i, r in enumerate(t)]
     out = bdhs_dataset(model, proc, rows, args.seed, keep=args.keep, threshold=args.threshold,
                        iterations=args.iterations, max_new_tokens=args.max_new_tokens)
     datasets.Dataset.from_list(out).to_parquet(args.out)

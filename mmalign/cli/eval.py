@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmalign.cli.checks import check_positive, check_resolution
 from mmalign.data.records import DataError
 
 # Library imports are inside run(): building the parser (mmalign --help) must not load torch (~4 s).
@@ -38,11 +39,16 @@ def add_arguments(p):
 
 
 def _named(specs: list[str], what: str) -> dict[str, str]:
+    """NAME=PATH pairs; a name becomes a folder under --out, so it must be a plain name (letters, digits, . _ -)."""
+    import re
+
     out = {}
     for s in specs:
         name, sep, path = s.partition("=")
         if not sep:
             name, path = Path(s).name, s
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+            raise DataError(f"{what} {s!r}: the name {name!r} must be a plain folder name (letters, digits, . _ -)")
         if name in out:
             raise DataError(f"{what}: the name {name!r} is used twice")
         out[name] = path
@@ -60,6 +66,8 @@ def run(args) -> int:
 
     if not args.reward:
         raise DataError("pass at least one --reward (see mmalign score --list)")
+    check_positive(args, "steps", "batch_size")
+    check_resolution(args.resolution)
     out = Path(args.out)
     if args.folder:
         if args.base or args.tuned:

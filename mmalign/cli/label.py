@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmalign.cli.checks import check_positive
 from mmalign.data.records import DataError
 
 # Library imports are inside run(): building the parser (mmalign --help) must not load torch (~4 s).
@@ -23,21 +24,28 @@ def add_arguments(q):
     q.add_argument("--tiny", action="store_true")
     q.add_argument("--device", default=None)
     q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--allow-outside-root", action="store_true",
+                   help="let the table name image files outside its own folder (trusted data only)")
 
 
 def run(args) -> int:
+    from functools import partial
+
+    from mmalign.data.images import open_image
     from mmalign.diffusion.data import load_pairs_table
     from mmalign.rewards import load_reward
     from mmalign.rewards.scoring import label_pairs
 
-    table, _ = load_pairs_table(args.data)
+    check_positive(args, "batch_size")
+    table, root = load_pairs_table(args.data, allow_outside_root=args.allow_outside_root)
     missing = [c for c in ("jpg_0", "jpg_1") if c not in table.column_names]
     if missing:
         raise DataError(f"{args.data} lacks column(s) {missing}")
     rw = load_reward(args.reward, model=args.model, device=args.device, tiny=args.tiny)
     if rw.needs_prompts and "caption" not in table.column_names:
         raise DataError(f"reward {args.reward!r} needs a caption column")
-    labels, r0, r1, bad = label_pairs(rw, table, args.mode, args.temperature, args.tie_eps, args.seed, args.batch_size)
+    labels, r0, r1, bad = label_pairs(rw, table, args.mode, args.temperature, args.tie_eps, args.seed, args.batch_size,
+                                      partial(open_image, root=root, allow_outside_root=args.allow_outside_root))
     keep = [i for i in range(len(table)) if i not in set(bad)]
     out = table.select(keep)
     for col in ("label_0", "label_1", "reward_0", "reward_1"):

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+from mmalign.cli.checks import check_positive, check_resolution
+
 # Library imports are inside run(): building the parser (mmalign --help) must not load torch (~4 s).
 
 
@@ -31,6 +33,8 @@ def run(args) -> int:
     from mmalign.data.prompts import load_prompts
     from mmalign.diffusion.sampling import load_pipeline, made_by, sample_to_folder
 
+    check_positive(args, "steps", "batch_size")
+    check_resolution(args.resolution)
     prompts = load_prompts(args.prompts)[: args.max_prompts]
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe, kind = load_pipeline(args.model, args.lora, device=dev, dtype=getattr(torch, args.dtype))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmalign.cli.checks import check_positive
 from mmalign.data.records import DataError
 
 # Library imports are inside run(): building the parser (mmalign --help) must not load torch (~4 s).
@@ -23,7 +24,7 @@ def add_arguments(p):
     p.add_argument("--out", help="scores.csv or scores.jsonl")
     p.add_argument("--html", help="write a sortable gallery report")
     p.add_argument("--allow-outside-root", action="store_true",
-                   help="let metadata name files outside the image folder (trusted data only)")
+                   help="let metadata (or symlinks in the folder) name files outside the image folder (trusted data only)")
     p.add_argument("--model", action="append", default=[], help="NAME=HUB_ID_OR_PATH weights for a reward")
     p.add_argument("--reward-arg", action="append", default=[], help="NAME.key=value extra loader argument")
     p.add_argument("--tiny", action="store_true", help="random tiny weights (tests / smoke runs)")
@@ -67,7 +68,8 @@ def run(args) -> int:
         return 0
     if not args.reward or not args.images or not args.out:
         raise DataError("--reward, --images and --out are required (or --list)")
-    files, images, bad = read_images(list_images(args.images))
+    check_positive(args, "batch_size")
+    files, images, bad = read_images(list_images(args.images, args.allow_outside_root))
     root = Path(args.images) if Path(args.images).is_dir() else None
     prompts = read_prompts(files, args.prompts, args.prompt, root, args.allow_outside_root)
     references = read_images(list_images(args.references))[1] if args.references else None

@@ -116,14 +116,14 @@ def dcpo_captions(winner_captions: list[str], loser_images, strategy: str, level
     raise ValueError(f"unknown DCPO strategy {strategy!r}; choose captioning, perturbation or hybrid")
 
 
-def add_dual_captions(table, strategy: str, level: str = "medium", captioner=None, seed: int = 0):
+def add_dual_captions(table, strategy: str, level: str = "medium", captioner=None, seed: int = 0, open_fn=open_image):
     """Pick-a-Pic table -> the same rows (ties dropped) with ``caption_0`` / ``caption_1``: the preferred
     image keeps the prompt, the rejected one gets the strategy's caption."""
 
     rows = [i for i in range(len(table)) if float(table[i]["label_0"]) != 0.5]
     win0 = [float(table[i]["label_0"]) == 1.0 for i in rows]
     prompts = [table[i]["caption"] for i in rows]
-    losers = [open_image(table[i]["jpg_1" if w else "jpg_0"]) for i, w in zip(rows, win0)] \
+    losers = [open_fn(table[i]["jpg_1" if w else "jpg_0"], where=f"row {i}") for i, w in zip(rows, win0)] \
         if strategy != "perturbation" else None
     new = dcpo_captions(prompts, losers, strategy, level, captioner, seed)
     out = table.select(rows)

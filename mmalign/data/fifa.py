@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mmalign.data.images import open_image
+from mmalign.data.records import DataError
 from mmalign.models.lm import completion_logps
 
 BLOCKLIST = {"nsfw", "nude", "naked", "gore", "porn", "sex", "blood"}
@@ -129,16 +130,23 @@ def fifa_select(margin, quality, prompt_emb, fraction: float = 0.1, alpha: float
 
 
 def fifa_filter(table, reward, fraction: float = 0.1, alpha: float = 0.5, gamma: float = 0.5, k: int = 5,
-                quality_fn=heuristic_quality, batch_size: int = 32) -> tuple[object, FifaResult]:
+                quality_fn=heuristic_quality, batch_size: int = 32, open_fn=open_image) -> tuple[object, FifaResult]:
     """Score a Pick-a-Pic-style table (caption, jpg_0, jpg_1, label_0) with ``reward`` and return the
     filtered table (ties dropped first) and the result. Prompt embeddings come from the reward's text
-    encoder when it has one."""
+    encoder when it has one. ``open_fn(value, where=...)`` opens an image value (bound to the table's folder)."""
 
     rows = [i for i in range(len(table)) if float(table[i]["label_0"]) != 0.5]
+    if not rows:
+        raise DataError(f"fifa: all {len(table)} pairs are ties (label_0 = 0.5): nothing carries a preference")
     caps = [table[i]["caption"] for i in rows]
     win, lose = [], []
     for i in rows:
-        a, b = open_image(table[i]["jpg_0"]), open_image(table[i]["jpg_1"])
+        try:
+            a, b = (open_fn(table[i][c], where=f"row {i}: {c}") for c in ("jpg_0", "jpg_1"))
+        except DataError:
+            raise
+        except Exception as e:  # FiFA ranks every pair: an unreadable one is named, not skipped
+            raise DataError(f"fifa: row {i}: unreadable image ({type(e).__name__}: {e})") from e
         w0 = float(table[i]["label_0"]) == 1.0
         win.append(a if w0 else b)
         lose.append(b if w0 else a)

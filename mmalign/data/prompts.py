@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from mmalign.paths import ASSETS
+from mmalign.paths import ASSETS, resolve
 
 from .records import DataError, load_table
 
@@ -64,7 +64,7 @@ def _from_file(p: Path) -> list[str]:
 
 def load_prompts(spec: str) -> list[str]:
     """The prompts of a file or a named set (see the module docstring); clear errors for both."""
-    p = Path(spec)
+    p = Path(resolve(spec))  # like data.train: the working directory, then the repository (shipped configs)
     if p.is_file():
         prompts = _from_file(p)
     elif spec in PROMPT_SETS:

@@ -15,6 +15,15 @@ class DataError(ValueError):
     """Bad input data; the message names the source, row and field."""
 
 
+def table_root(source: str | None) -> Path | None:
+    """The folder that paths inside a table are relative to: a file's folder, a directory itself; ``None`` for
+    a hub dataset (no folder of its own)."""
+    if source is None:
+        return None
+    p = Path(resolve(source))
+    return p.parent if p.is_file() else p if p.is_dir() else None
+
+
 def load_table(source: str, split: str = "train"):
     """``source``: a .jsonl/.json/.parquet file, a directory of parquet files, a
     ``Dataset.save_to_disk`` directory (a DatasetDict picks ``split``), or a hub dataset name."""
@@ -27,7 +36,7 @@ def load_table(source: str, split: str = "train"):
         if suffix in (".jsonl", ".json"):
             return datasets.Dataset.from_list(_read_json(p))
         if suffix == ".parquet":
-            return datasets.Dataset.from_parquet(str(p))
+            return _parquet(str(p), p)
         raise DataError(f"{p}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
@@ -39,7 +48,7 @@ def load_table(source: str, split: str = "train"):
             return ds
         files = sorted(p.rglob("*.parquet"))
         if files:
-            return datasets.Dataset.from_parquet([str(f) for f in files])
+            return _parquet([str(f) for f in files], p)
         files = sorted(p.glob("*.jsonl"))
         if files:
             rows = [r for f in files for r in _read_json(f)]
@@ -49,6 +58,27 @@ def load_table(source: str, split: str = "train"):
         return datasets.load_dataset(source, split=split)
     except Exception as e:  # offline, or no such dataset
         raise DataError(f"cannot load {source!r}: not a local file/directory, and the hub load failed ({e})") from e
+
+
+def _parquet(files, where: Path):
+    """``Dataset.from_parquet`` with its failures (a truncated or corrupt file, not parquet) as one DataError."""
+    import datasets
+
+    try:
+        import pyarrow.parquet as pq
+
+        if sum(pq.read_metadata(f).num_rows for f in ([files] if isinstance(files, str) else files)) == 0:
+            raise DataError(f"{where}: no rows")
+        ds = datasets.Dataset.from_parquet(files)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow.ArrowInvalid, datasets' DatasetGenerationError, OSError...
+        cause = e.__cause__ or e
+        raise DataError(f"{where}: cannot read parquet ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})") \
+            from e
+    if len(ds) == 0:
+        raise DataError(f"{where}: no rows")
+    return ds
 
 
 def _read_json(path: Path) -> list[dict]:

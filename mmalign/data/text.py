@@ -130,6 +130,20 @@ class TextPreferenceData(torch.utils.data.Dataset):
             ds = ds.select(range(min(max_examples, len(ds))))
         if len(ds) == 0:
             raise DataError(f"{source}: no rows")
+        self.identical = 0
+        if fmt in ("pairs", "joint"):  # chosen == rejected carries no preference (like an image tie): drop, count
+            pc = ds["prompt_chosen"] if fmt == "joint" else None
+            pr = ds["prompt_rejected"] if fmt == "joint" else None
+            same = [i for i, (c, r) in enumerate(zip(ds["chosen"], ds["rejected"]))
+                    if c == r and (pc is None or pc[i] == pr[i])]
+            if same:
+                if len(same) == len(ds):
+                    raise DataError(f"{source}: every pair has chosen == rejected: nothing to learn from")
+                drop = set(same)
+                ds = ds.select([i for i in range(len(ds)) if i not in drop])
+                self.identical = len(same)
+                print(f"{source}: dropped {len(same)} pair(s) whose chosen equals rejected (e.g. row {same[0]})",
+                      flush=True)
         self.ds, self.fmt, self.source = ds, fmt, source
         self.tok, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
         self.eos = tokenizer.eos_token_id

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from mmalign.data.images import contained_path, open_image
-from mmalign.data.records import DataError, load_table, rename_columns, require_columns
+from mmalign.data.records import DataError, load_table, rename_columns, require_columns, table_root
 from mmalign.data.text import _Batch
 from mmalign.paths import resolve
 
@@ -57,8 +57,10 @@ class ImagePairBatch(_Batch):
 
 
 def load_pairs_table(source: str, split: str = "train", allow_outside_root: bool = False):
-    """Like ``load_table``, plus imagefolder-style folders (``metadata.jsonl`` with ``file_name_0`` /
-    ``file_name_1``); every file name must resolve inside that folder unless ``allow_outside_root``."""
+    """(table, root): like ``load_table``, plus imagefolder-style folders (``metadata.jsonl`` with ``file_name_0``
+    / ``file_name_1``). ``root`` is the folder image paths resolve against (``table_root``; ``None`` for a hub
+    dataset); every path must stay inside it unless ``allow_outside_root``. HF ``Image`` columns are read
+    undecoded, so that ``datasets`` never opens a path itself."""
     import datasets
 
     p = Path(resolve(source))
@@ -72,7 +74,23 @@ def load_pairs_table(source: str, split: str = "train", allow_outside_root: bool
                 if isinstance(r.get(f"jpg_{k}"), str):
                     contained_path(p, r[f"jpg_{k}"], f"{meta}: row {i}: jpg_{k}", allow_outside_root)
         return datasets.Dataset.from_list(rows), p
-    return load_table(source, split), None
+    ds = load_table(source, split)
+    for col in ("jpg_0", "jpg_1"):
+        if isinstance(ds.features.get(col), datasets.Image):
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+    return ds, table_root(source)
+
+
+def _numbers(values, column: str, source: str) -> list[float]:
+    out = []
+    for i, x in enumerate(values):
+        try:
+            if isinstance(x, (bool, str)) or x is None:
+                raise TypeError
+            out.append(float(x))
+        except (TypeError, ValueError):
+            raise DataError(f"{source}: row {i}: {column} must be a number (1, 0 or 0.5), got {x!r}") from None
+    return out
 
 
 class PreferencePairs(torch.utils.data.Dataset):
@@ -89,8 +107,12 @@ class PreferencePairs(torch.utils.data.Dataset):
         require_columns(ds, need, source, "image preference pairs (Pick-a-Pic v2 schema)")
         self.source, self.resolution, self.center_crop, self.seed = source, resolution, center_crop, seed
         self.dual, self.with_user = dual_captions, with_user
-        l0 = [float(x) for x in ds["label_0"]]
-        l1 = [float(x) for x in ds["label_1"]] if "label_1" in ds.column_names else [1.0 - x for x in l0]
+        l0 = _numbers(ds["label_0"], "label_0", source)
+        l1 = _numbers(ds["label_1"], "label_1", source) if "label_1" in ds.column_names else [1.0 - x for x in l0]
+        for c in (["caption_0", "caption_1"] if dual_captions else ["caption"]):
+            bad = next((i for i, x in enumerate(ds[c]) if not isinstance(x, str)), None)
+            if bad is not None:
+                raise DataError(f"{source}: row {bad}: {c} must be a string, got {type(ds[c][bad]).__name__}")
         keep, ties = [], 0
         for i, (a, b) in enumerate(zip(l0, l1)):
             if soft_labels:  # any P(image 0 preferred) in [0, 1]; order kept, nothing dropped

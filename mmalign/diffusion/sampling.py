@@ -164,11 +164,20 @@ def read_metadata(folder: str | Path) -> list[dict]:
     if not f.is_file():
         raise DataError(f"{folder}: no metadata.jsonl (sample it with mmalign sample, or write file_name / prompt "
                         "/ seed rows)")
-    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-    for i, r in enumerate(rows):
-        missing = [k for k in ("file_name", "prompt", "seed") if k not in r]
+    rows = []
+    for i, x in enumerate(f.read_text().splitlines(), 1):
+        if not x.strip():
+            continue
+        try:
+            r = json.loads(x)
+        except ValueError as e:
+            raise DataError(f"{f}:{i}: invalid JSON line ({e})") from None
+        missing = [k for k in ("file_name", "prompt", "seed") if not isinstance(r, dict) or k not in r]
         if missing:
-            raise DataError(f"{f}: row {i} lacks {missing}")
+            raise DataError(f"{f}:{i}: lacks {missing}")
+        if isinstance(r["seed"], bool) or not isinstance(r["seed"], int):
+            raise DataError(f"{f}:{i}: seed must be an integer, got {r['seed']!r}")
+        rows.append(r)
     return rows
 
 

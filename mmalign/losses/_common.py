@@ -1,6 +1,7 @@
 """Helpers shared by the loss families: input checks, f-divergence score maps, metrics."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -125,6 +126,37 @@ INPUTS: dict[str, tuple[str, ...]] = {
 KIND_INPUTS = {"listwise": ("mask",), "negatives": ("sample_mask",), "policy_gradient": ("mask",), "group": ("mask",)}
 
 
+def nonfinite_rows(args, mask: Tensor | None, n: int) -> Tensor | None:
+    """[n] bool: rows where any float input tensor (per-sample or per-token scores, ``[n, ...]``) is NaN or +-inf;
+    entries outside ``mask`` (padding slots of lists / groups, ``[n, K]``) do not count."""
+    bad = None
+    for t in args:
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() == 0 or t.shape[0] != n:
+            continue
+        nf = ~torch.isfinite(t.detach())
+        if mask is not None and mask.shape == t.shape:
+            nf = nf & mask.to(nf.device, torch.bool)
+        row = nf.reshape(n, -1).any(dim=1)
+        bad = row if bad is None else bad | row.to(bad.device)
+    return bad
+
+
+def bad_rows_are_nan(fn):
+    """A non-finite input score (an overflowing MSE, a zero-probability token) makes that row's loss NaN, as a NaN
+    score already does, so the training loop treats it as a bad row (``train.nan_policy``) instead of a finite
+    loss with zero gradient and +-inf metrics."""
+    @functools.wraps(fn)
+    def guarded(*args, **kw):
+        loss, metrics = fn(*args, **kw)
+        if loss.dim() == 1 and len(loss):
+            bad = nonfinite_rows(args, kw.get("mask"), len(loss))
+            if bad is not None and bool(bad.any()):
+                loss = torch.where(bad.to(loss.device), torch.full_like(loss, float("nan")), loss)
+        return loss, metrics
+
+    return guarded
+
+
 def register(name: str, kind: str = "pairwise", uses: tuple = (), needs_reference: bool = True,
              reference_free_ok: bool = False, batch_dependent: bool = False, data_format: str = "pairs"):
     unknown = [u for u in uses if u not in INPUTS]
@@ -132,6 +164,7 @@ def register(name: str, kind: str = "pairwise", uses: tuple = (), needs_referenc
         raise ValueError(f"loss {name!r}: unknown input(s) {unknown}; known: {sorted(INPUTS)}")
     supplied = tuple(k for u in uses for k in INPUTS[u]) + KIND_INPUTS.get(kind, ())
     precomputable = needs_reference and not ({"kl", "token_weights", "token_kl"} & set(uses))
-    return LOSSES.register(name, kind=kind, uses=tuple(uses), supplied=supplied, needs_reference=needs_reference,
-                           reference_free_ok=reference_free_ok, batch_dependent=batch_dependent,
-                           data_format=data_format, precomputable=precomputable)
+    store = LOSSES.register(name, kind=kind, uses=tuple(uses), supplied=supplied, needs_reference=needs_reference,
+                            reference_free_ok=reference_free_ok, batch_dependent=batch_dependent,
+                            data_format=data_format, precomputable=precomputable)
+    return lambda fn: store(bad_rows_are_nan(fn))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from mmalign.data.records import DataError
 from mmalign.models.lm import TokenLogps, selective_log_softmax
 from mmalign.paths import ASSETS, resolve
 from mmalign.rewards.backbones import OpenClip, preprocess
@@ -240,7 +241,11 @@ def load_captioner(name_or_path: str) -> Captioner:
     p = Path(resolve(name_or_path))
     if (p / "captioner.json").exists():
         return ClipCapCaptioner.load(p)
-    return BlipCaptioner.load(name_or_path)
+    try:
+        return BlipCaptioner.load(name_or_path)
+    except Exception as e:  # not a folder, not a hub id we can reach, not a BLIP checkpoint
+        raise DataError(f"--model {name_or_path}: neither a ClipCap folder (captioner.json) nor a loadable BLIP "
+                        f"model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
 
 def caption_images(captioner, images, batch_size: int = 32, progress: bool = True) -> list[str]:

@@ -127,7 +127,16 @@ def write_rows(out: str, rows: list[dict]):
             fields = list(dict.fromkeys(k for r in rows for k in r))  # every key, in order of first appearance
             w = csv.DictWriter(fh, fieldnames=fields, restval="")
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v):
+    """A text cell that a spreadsheet would run as a formula (starting with = + - @, tab or CR: a prompt like
+    ``=HYPERLINK(...)``) gets a leading apostrophe, the OWASP CSV-injection rule; numbers are left as they are."""
+    return "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v
 
 
 def _thumb(im, size=160) -> str:
@@ -172,15 +181,18 @@ figcaption{{font-size:12px}}.rank{{color:#555}}.prompt{{font-style:italic;margin
 
 
 def label_pairs(reward, table, mode: str = "deterministic", temperature: float = 1.0, tie_eps: float = 0.0,
-                seed: int = 0, batch_size: int = 32):
+                seed: int = 0, batch_size: int = 32, open_fn=open_image):
     """Score jpg_0 and jpg_1 of every row with ``reward`` and return (label_0, reward_0, reward_1, unreadable rows).
     deterministic: 1 / 0 by the higher reward, 0.5 within ``tie_eps``; bradley-terry: label_0 ~
-    Bernoulli(sigmoid((r0 - r1) / temperature)) with a seeded generator."""
+    Bernoulli(sigmoid((r0 - r1) / temperature)) with a seeded generator. ``open_fn(value, where=...)`` opens a
+    table's image value (``open_image`` bound to the table's folder)."""
     img0, img1, caps, ok = [], [], [], []
     for i in range(len(table)):
         row = table[i]
         try:
-            a, b = open_image(row["jpg_0"]), open_image(row["jpg_1"])
+            a, b = (open_fn(row[k], where=f"row {i}: {k}") for k in ("jpg_0", "jpg_1"))
+        except DataError:  # a path outside the data's folder: refused, not "unreadable"
+            raise
         except Exception as e:
             print(f"warning: row {i}: unreadable image ({e}); left unlabelled", file=sys.stderr)
             continue

@@ -9,10 +9,14 @@ Layout of ``<output_dir>/checkpoints/step-00000100/``::
                              python/numpy RNG, recipe extras (e.g. BCO running mean), config
 
 The directory is written as ``step-...tmp`` and renamed, and ``latest`` (a text file with the
-directory name) is replaced atomically, so a crash never leaves a half checkpoint behind ``latest``.
+directory name) is replaced atomically, so a crash never leaves a half checkpoint behind ``latest``; pruning
+never removes the checkpoint ``latest`` names. Weights that are not finite are never written as a checkpoint.
+A run holds ``<output_dir>/.lock`` (``output_lock``) while it writes there, and a fresh run refuses an
+output_dir with another run's checkpoints (``check_fresh``) instead of mixing its own among them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from mmalign.config import ConfigError
 
 STATE = "state.json"
 
@@ -91,6 +97,9 @@ def save_checkpoint(output_dir, step: int, *, model_state, optimizer, scheduler,
     Under FSDP / DeepSpeed the sharded model and optimizer go through ``accelerator.save_state``
     (safetensors for weights; the engines' own optimizer format) into the same directory; this path is
     exercised on multi-GPU machines only, not by the CPU test-suite."""
+    bad = [k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(f"refusing to save a checkpoint of step {step}: weights {bad[:3]} are not finite")
     root = checkpoint_dir(output_dir)
     name = f"step-{step:08d}"
     final, tmp = root / name, root / (name + ".tmp")
@@ -123,29 +132,84 @@ def save_checkpoint(output_dir, step: int, *, model_state, optimizer, scheduler,
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(name)
         os.replace(latest_tmp, root / "latest")
-        _prune(root, keep)
+        _prune(root, keep, name)
     accelerator.wait_for_everyone()
     return final
 
 
-def _prune(root: Path, keep: int):
+def _prune(root: Path, keep: int, latest: str):
+    """Keep the ``keep`` highest steps and, whatever else is there, the checkpoint ``latest`` names."""
     if keep <= 0:
         return
     done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for p in done[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.name != latest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_fresh(output_dir):
+    """A run without ``train.resume`` must not write among another run's checkpoints (pruning by step name would
+    delete its own new ones and leave ``latest`` dangling): refuse, naming the way out."""
+    root = checkpoint_dir(output_dir)
+    old = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+    if old:
+        raise ConfigError(f"train.output_dir {output_dir} holds checkpoints of an earlier run ({old[-1]}, ...): "
+                          "continue it with train.resume=latest (or auto), or start fresh in another train.output_dir")
+
+
+@contextlib.contextmanager
+def output_lock(output_dir, enabled: bool = True):
+    """Hold ``<output_dir>/.lock`` (an advisory ``flock``, released by the OS even on ``kill -9``) so that two
+    runs never write checkpoints and logs into one folder; a second run fails naming the first one's pid."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    f = open(Path(output_dir) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"train.output_dir {output_dir} is in use by pid {pid} (another run writes there): "
+                          "wait for it, or choose another train.output_dir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def replace_dir(tmp: Path, final: Path):
+    """Put a fully written folder ``tmp`` in place of ``final``: a crash at any point leaves either the old
+    ``final`` or the new one, never a partial one (at worst a ``.old`` / ``.tmp`` folder beside it)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_checkpoint(output_dir, resume: str) -> Path:
     if resume == "latest":
         marker = checkpoint_dir(output_dir) / "latest"
         if not marker.exists():
-            raise FileNotFoundError(f"train.resume=latest but no checkpoint under {checkpoint_dir(output_dir)}")
+            raise ConfigError(f"train.resume=latest but {checkpoint_dir(output_dir)} has no checkpoint: use "
+                              "train.resume=auto to start fresh when there is none")
         path = checkpoint_dir(output_dir) / marker.read_text().strip()
     else:
         path = Path(resume)
     if not (path / STATE).exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE})")
+        raise ConfigError(f"train.resume: {path} is not a complete checkpoint (no {STATE})")
     return path
 
 

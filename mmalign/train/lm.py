@@ -79,8 +79,10 @@ class LMRecipe(RecipeBase):
         n = sum(p.numel() for p in self.policy.parameters())
         t = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
         rows = len(self.train_data) if self.train_data is not None else 0
+        same = getattr(self.train_data, "identical", 0)
         return (f"lm/{self.cfg.loss.name} | {type(self.policy).__name__} {n / 1e6:.2f}M params "
-                f"({t / 1e6:.3f}M trainable) | reference {self.reference.kind} | {rows} rows")
+                f"({t / 1e6:.3f}M trainable) | reference {self.reference.kind} | {rows} rows"
+                + (f" ({same} with chosen == rejected dropped)" if same else ""))
 
     def begin_step(self, micro_batches: list):
         """KTO: the reference point z0 from mismatched pairs over *all* rows of this optimiser step (every

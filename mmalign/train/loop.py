@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from mmalign.config import ConfigError
+from mmalign.data.records import DataError
 from mmalign.losses import MetricSums, backward_loss
 from mmalign.utils import (
     example_generator,  # noqa: F401  (re-exported: recipes key their draws by it)
@@ -94,6 +95,52 @@ def grads_finite(model) -> bool:
     """True when every gradient of ``model`` is finite (one fused reduction, no host sync per tensor)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0)))
+
+
+def params_finite(model) -> bool:
+    """True when every trainable parameter is finite (after an optimizer step: an infinite lr, an overflowing
+    optimizer state); one fused reduction over the local tensors (shards under FSDP)."""
+    ps = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+    return not ps or bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in ps], norm_type=2.0)))
+
+
+def _json_safe(v):
+    """NaN / +-inf -> null: ``metrics.jsonl`` stays JSON (``json.dumps`` would write bare NaN / Infinity)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
+
+
+class MetricsLog:
+    """``<output_dir>/metrics.jsonl`` on the main process: a fresh run starts it anew; a resumed run first drops
+    the records written after the step it resumes from (they were lost with the interrupted run's state), so
+    every step appears once."""
+
+    def __init__(self, path: Path, resumed_step: int | None, main: bool):
+        self.path, self.main = path, main
+        if not main:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_step is None:
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resumed_step:
+                        keep.append(line + "\n")
+                except ValueError:
+                    pass  # a line cut short by the kill that interrupted the run
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+
+    def write(self, record: dict):
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_json_safe(record)) + "\n")
 
 
 def make_accelerator(cfg: TrainSection, **kw):
@@ -226,7 +273,13 @@ def _sigterm_as_interrupt():
 
 def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
           on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run ``cfg.max_steps`` optimiser steps of ``recipe`` (see module docstring)."""
+    """Run ``cfg.max_steps`` optimiser steps of ``recipe`` (see module docstring), holding the output_dir's lock."""
+    with ckpt.output_lock(cfg.output_dir, accelerator.is_main_process):
+        return _train(recipe, cfg, accelerator, config, on_step)
+
+
+def _train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
+           on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     acc = accelerator
     world, rank = acc.num_processes, acc.process_index
     out_dir = Path(cfg.output_dir)
@@ -245,10 +298,12 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     model, optimizer = acc.prepare(recipe.trainable_module(), optimizer)
     recipe.bind(model)
 
-    step, skipped, skipped_rows = 0, 0, 0
+    step, skipped, skipped_rows, read_rows = 0, 0, 0, 0
     resume = cfg.resume
     if resume == "auto":
         resume = "latest" if (ckpt.checkpoint_dir(cfg.output_dir) / "latest").exists() else None
+    if not resume and acc.is_main_process:
+        ckpt.check_fresh(cfg.output_dir)
     if resume:
         path = ckpt.resolve_checkpoint(cfg.output_dir, resume)
         loaded = ckpt.load_checkpoint(path, rank)
@@ -261,9 +316,13 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
         recipe.load_extra_state(loaded["state"].get("recipe", {}))
         ckpt.set_rng_state(loaded["rng"], loaded["state"].get("rng"))
         step, skipped = loaded["state"]["step"], loaded["state"].get("skipped_steps", 0)
+        skipped_rows, read_rows = loaded["state"].get("skipped_rows", 0), loaded["state"].get("read_rows", 0)
         acc.print(f"resumed from {path} at step {step}")
 
     data = recipe.train_data
+    if len(data) < cfg.batch_size * world:
+        raise DataError(f"the training data has {len(data)} rows, fewer than one global batch (train.batch_size="
+                        f"{cfg.batch_size} x {world} processes): lower train.batch_size or add data")
     sampler = ResumableBatches(len(data), cfg.batch_size, world, rank, cfg.seed, start=step * cfg.grad_accum)
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=data.collate,
                                          num_workers=cfg.num_workers)
@@ -275,20 +334,14 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                   f"accum x {world} proc{engine_label(acc)} | {cfg.max_steps} steps")
     if acc.log_with:
         acc.init_trackers("mmalign", config=_flat_scalars(config or {}))
-    metrics_file = out_dir / "metrics.jsonl"
-    if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and metrics_file.exists():
-            metrics_file.unlink()  # a fresh run starts a fresh log; a resumed one appends
+    metrics = MetricsLog(out_dir / "metrics.jsonl", step if resume else None, acc.is_main_process)
     result = TrainResult(step=step, output_dir=str(out_dir), skipped_steps=skipped)
 
     def reduce_sum(t: Tensor) -> Tensor:
         return acc.reduce(t.to(acc.device), reduction="sum").cpu() if world > 1 else t
 
     def log(record: dict):
-        if acc.is_main_process:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        metrics.write(record)
         if acc.log_with:
             acc.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                     step=record["step"])
@@ -298,6 +351,7 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
             cfg.output_dir, at_step, model_state=recipe.trainable_state(), optimizer=optimizer,
             scheduler=scheduler, accelerator=acc, keep=cfg.keep_checkpoints,
             state={"skipped_steps": skipped, "consumed_batches": at_step * cfg.grad_accum,
+                   "skipped_rows": skipped_rows, "read_rows": read_rows,
                    "recipe": recipe.extra_state(), "config": config or {}})
         result.last_checkpoint = str(path)
         return path
@@ -323,8 +377,12 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
         with _sigterm_as_interrupt():
             while step < cfg.max_steps:
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
-                n_global = float(reduce_sum(torch.tensor([float(sum(len(b) for b in micro))]))[0])
-                empty_step = n_global == 0  # every row unreadable: the step is skipped, not the run
+                counts = reduce_sum(torch.tensor([float(sum(len(b) for b in micro)),
+                                                  float(sum(getattr(b, "skipped", 0) for b in micro))]))
+                n_global, n_unreadable = float(counts[0]), int(counts[1])
+                skipped_rows, read_rows = skipped_rows + n_unreadable, read_rows + int(n_global) + n_unreadable
+                _check_unreadable(skipped_rows, read_rows, len(data), cfg.max_unreadable_fraction)
+                empty_step = n_global == 0  # every row unreadable: the step is skipped (and counted as such)
                 n_global = max(n_global, 1.0)
                 model.train()
                 recipe.begin_step([b.to(acc.device) for b in micro if len(b)])  # step-level state, e.g. KTO's z0
@@ -333,7 +391,6 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                 for i, batch in enumerate(micro):
                     batch.to(acc.device)
                     sync = i == len(micro) - 1
-                    skipped_rows += getattr(batch, "skipped", 0)
                     if len(batch) == 0:  # every row unreadable (reported by the dataset): contributes nothing
                         continue
                     with (contextlib.nullcontext() if sync else acc.no_sync(model)):
@@ -372,12 +429,18 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                     result.skipped_steps = skipped
                     acc.print(f"step {step + 1}: {'no readable rows' if empty_step else 'non-finite loss/gradient'}, "
                               f"step skipped ({skipped} so far)")
-                    if skipped > cfg.max_skipped_steps and not empty_step:
-                        raise NonFiniteLossError(f"{skipped} steps skipped for non-finite loss "
-                                                 f"(train.max_skipped_steps={cfg.max_skipped_steps})")
+                    if skipped > cfg.max_skipped_steps:
+                        raise NonFiniteLossError(f"{skipped} steps skipped (no readable rows, or a non-finite loss or "
+                                                 f"gradient; train.max_skipped_steps={cfg.max_skipped_steps})")
                 else:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    ok = torch.tensor([float(params_finite(model))])
+                    if float(reduce_sum(ok)[0]) < world:  # never go on (or save, or export) with such weights
+                        raise NonFiniteLossError(
+                            f"step {step + 1}: the optimizer step made the weights non-finite (lr "
+                            f"{scheduler.get_last_lr()[0]:.3g}; the loss and gradients were finite); nothing of this "
+                            f"state is saved. Last checkpoint: {result.last_checkpoint or 'none'}")
                 with warnings.catch_warnings():  # a skipped step still advances the schedule
                     warnings.simplefilter("ignore", UserWarning)
                     scheduler.step()
@@ -425,6 +488,14 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     if acc.log_with:
         acc.end_training()
     return result
+
+
+def _check_unreadable(unreadable: int, read: int, n_data: int, limit: float):
+    """Stop when more than ``limit`` of the rows read so far could not be read (once a sample of
+    min(dataset, 64) rows has been read): a dataset without readable images must not train "successfully"."""
+    if unreadable and read >= min(n_data, 64) and unreadable > limit * read:
+        raise DataError(f"{unreadable} of the {read} rows read so far were unreadable (more than "
+                        f"train.max_unreadable_fraction={limit}): check the data (the warnings above name the rows)")
 
 
 def eval_summary(result: TrainResult, accelerator=None) -> dict[str, float]:

@@ -10,15 +10,17 @@ evaluation scheduling, checkpoints and resume. Hand-off of the model: the loop p
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from accelerate.utils import set_seed
 
-from mmalign.config import to_dict
+from mmalign.config import ConfigError, to_dict
 from mmalign.losses import MetricSums
 
+from .checkpoint import replace_dir
 from .loop import StepOutput, TrainResult, eval_summary, make_accelerator, train
 
 Tensor = torch.Tensor
@@ -105,10 +107,20 @@ class RecipeBase:
         return state
 
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Exactly the trainable weights this run has, with their shapes (``copy_`` would broadcast a [1, d]
+        tensor into every row of [n, d] without a word): any missing, unexpected or reshaped key is an error."""
         named = self._named_trainable()
-        missing = [k for k, _ in named if k not in state]
-        if missing:
-            raise KeyError(f"checkpoint lacks trainable weights {missing[:5]}")
+        want = {k: tuple(p.shape) for k, p in named}
+        if self.ema is not None:
+            want.update({f"ema/{k}": tuple(s.shape) for (k, _), s in zip(named, self.ema.shadow_params)})
+        missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {want[k]}" for k in sorted(set(want) & set(state))
+                  if tuple(state[k].shape) != want[k]]
+        if missing or unexpected or shapes:
+            what = [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(unexpected) \
+                + [f"shapes differ: {shapes[:3]}"] * bool(shapes)
+            raise ConfigError(f"train.resume: the checkpoint does not fit this model ({'; '.join(what)}); resume with "
+                              "the config it was trained with (model, LoRA rank, EMA)")
         with torch.no_grad():
             for k, p in named:
                 p.copy_(state[k])
@@ -190,20 +202,36 @@ def gather_for_export(model, acc) -> None:
             mod.__class__ = next(b for b in type(mod).__bases__ if b is not FSDPModule)
 
 
+def export_final(recipe, result: TrainResult, acc, summary: bool = False) -> Path:
+    """``<output_dir>/final``: the gathered model (``recipe.export``) with the last evaluation in its card, and
+    ``summary.json`` when asked -- written to ``final.tmp`` and swapped in whole (a kill or a full disk never
+    leaves a partial ``final``); weights that are not finite are never exported."""
+    out = Path(result.output_dir) / "final"
+    gather_for_export(recipe.model, acc)
+    bad = [k for k, p in recipe.policy.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(f"refusing to export non-finite weights ({bad[:3]})")
+    tmp = out.with_name("final.tmp")
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    recipe.export(tmp, card=eval_summary(result, acc))
+    if acc.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+        if summary:
+            (tmp / "summary.json").write_text(json.dumps({"step": result.step, "eval": result.eval_history,
+                                                          "skipped_steps": result.skipped_steps}))
+        replace_dir(tmp, out)
+    acc.wait_for_everyone()
+    return out
+
+
 def run_recipe(recipe_cls, cfg, accelerator=None, summary: bool = False, **kwargs) -> TrainResult:
-    """Build ``recipe_cls(cfg, accelerator, **kwargs)``, train, export ``<output_dir>/final`` with the last
-    evaluation in its card (and ``summary.json`` when asked); ``result.recipe`` is the trained recipe."""
+    """Build ``recipe_cls(cfg, accelerator, **kwargs)``, train, export ``<output_dir>/final`` (``export_final``);
+    ``result.recipe`` is the trained recipe."""
     acc = accelerator or make_accelerator(cfg.train)
     set_seed(cfg.train.seed)
     recipe = recipe_cls(cfg, acc, **kwargs)
     result = train(recipe, cfg.train, acc, config=to_dict(cfg))
-    final = eval_summary(result, acc)
-    out = Path(cfg.train.output_dir) / "final"
-    gather_for_export(recipe.model, acc)
-    recipe.export(out, card=final)
-    if summary and acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps({"step": result.step, "eval": result.eval_history,
-                                                      "skipped_steps": result.skipped_steps}))
+    export_final(recipe, result, acc, summary)
     result.recipe = recipe
     return result

@@ -6,6 +6,7 @@ is fast; each recipe names its runner as ``"module:function"``.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -79,6 +80,12 @@ class LossSection:
                 ok = True
             if not ok:
                 raise ConfigError(f"{path}.{k}: expected {type(default).__name__} like {default!r}, got {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{path}.{k}: must be a finite number, got {v}")
+        beta = self.params.get("beta")
+        if isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta <= 0:
+            raise ConfigError(f"{path}.beta must be > 0, got {beta} (a negative beta trains the rejected sample "
+                              "up; zero trains nothing)")
 
 
 def check_loss_and_batching(loss: "LossSection", train: "TrainSection"):
@@ -126,6 +133,9 @@ class TrainSection:
     nan_policy: Literal["error", "skip"] = "error"
     """non-finite loss: 'error' stops with the step and rows named; 'skip' drops the step and counts it"""
     max_skipped_steps: int = 10
+    """stop when more steps than this were skipped (non-finite loss or gradient, or no readable row)"""
+    max_unreadable_fraction: float = 0.5
+    """stop when more than this fraction of the rows read so far could not be read (corrupt images)"""
     log_every: int = 10
     eval_every: int = 0
     save_every: int = 0
@@ -138,11 +148,19 @@ class TrainSection:
     progress: bool = True
 
     def validate(self):
-        for k in ("max_steps", "batch_size", "grad_accum"):
+        for k in ("max_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for k in ("seed", "eval_every", "save_every", "keep_checkpoints", "warmup_steps", "max_skipped_steps",
+                  "num_workers"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"train.{k} must be >= 0, got {getattr(self, k)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"train.max_grad_norm must be a finite number > 0 (or null), got {self.max_grad_norm}")
+        if not 0.0 <= self.max_unreadable_fraction <= 1.0:
+            raise ConfigError(f"train.max_unreadable_fraction must be in [0, 1], got {self.max_unreadable_fraction}")
 
 
 @dataclass(kw_only=True)
@@ -308,6 +326,7 @@ class DiffusionDataSection:
     max_eval_examples: Optional[int] = None
     columns: dict[str, str] = field(default_factory=dict)
     resolution: int = 512
+    """square training resolution in pixels (a multiple of 8; 16 for Flux's packed latents)"""
     center_crop: bool = True
     random_flip: bool = True
     """horizontal flip, the same for both images of a pair"""
@@ -338,6 +357,10 @@ class DiffusionDataSection:
     def validate(self):
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.noise_draws < 0:
+            raise ConfigError(f"data.noise_draws must be >= 0, got {self.noise_draws}")
 
 
 @dataclass(kw_only=True)
@@ -446,6 +469,9 @@ class DiffusionConfig:
                                   f"model.kind={self.model.kind} has joint attention")
             if self.model.prediction_type != "auto":
                 raise ConfigError(f"model.prediction_type is for UNets; {self.model.kind} predicts the flow velocity")
+        if self.model.kind == "flux" and self.data.resolution % 16:
+            raise ConfigError(f"data.resolution must be a multiple of 16 for Flux (2x2 packed latents), got "
+                              f"{self.data.resolution}")
         if self.model.reference == "precomputed" and self.data.noise_draws < 1:
             raise ConfigError("model.reference=precomputed needs data.noise_draws >= 1 (the fixed noise draws "
                               "whose reference scores are computed before training)")

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 
 from mmalign.config import to_dict
 from mmalign.data.images import open_image
-from mmalign.data.records import load_table
+from mmalign.data.records import load_table, table_root
 from mmalign.models.lm import add_lora, enable_gradient_checkpointing, set_dropout
 from mmalign.rewards import load_reward
 from mmalign.vl.data import VisionPreferenceData
@@ -83,8 +83,10 @@ def online_setup(cfg: VLMConfig, recipe: VLMRecipe, device):
         rows = get_world(cfg.world).qa_rows(o.world_images, seed=cfg.train.seed + 7)
         prompts, contexts = [r["prompt"] for r in rows], [(r["image"], r["kind"]) for r in rows]
     else:
-        t = load_table(o.prompts)
-        prompts, contexts = list(t["prompt"]), [(open_image(x), None) for x in t["image"]]
+        t, root = load_table(o.prompts), table_root(o.prompts)
+        prompts = list(t["prompt"])
+        contexts = [(open_image(x, root, cfg.data.allow_outside_root, f"{o.prompts}: row {i}"), None)
+                    for i, x in enumerate(t["image"])]
     if o.judge == "world":
         w = get_world(cfg.world)
         judge = lambda p, ctx, y: w.judge(ctx[0], ctx[1], y)  # noqa: E731

@@ -4,14 +4,11 @@ processor, which expands the image tokens; only completions are ever truncated, 
 silently lose its image (a prompt longer than max_prompt_length is an error naming the row)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from mmalign.data.images import open_image
-from mmalign.data.records import DataError, require_columns
+from mmalign.data.records import DataError, require_columns, table_root
 from mmalign.data.text import PairBatch, TextPreferenceData, pad_sequences
-from mmalign.paths import resolve
 
 from .models import encode_prompt, is_prefix_lm
 
@@ -25,8 +22,7 @@ class VisionPreferenceData(TextPreferenceData):
         require_columns(self.ds, [image_column], source, "vision preference pairs")
         self.processor, self.image_column = processor, image_column
         self.prefix_lm = is_prefix_lm(processor)
-        p = Path(resolve(source))
-        self.root = p.parent if p.is_file() else p
+        self.root = table_root(source)
         self.allow_outside_root = allow_outside_root
 
     def __getitem__(self, i):
