@@ -1,5 +1,10 @@
-"""Small shared helpers on the ground floor: keyed random generators and console tables."""
+"""Small shared helpers on the ground floor: keyed random generators, console tables, folders written whole."""
 from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -23,3 +28,28 @@ def format_table(header: list[str], rows: list[list]) -> str:
 
 def print_table(header: list[str], rows: list[list]):
     print(format_table(header, rows), flush=True)
+
+
+def replace_dir(tmp: Path, final: Path):
+    """Put a fully written folder ``tmp`` in place of ``final``: a crash at any point leaves either the old
+    ``final`` or the new one, never a partial one (at worst a ``.old`` / ``.tmp`` folder beside it)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path):
+    """``with atomic_folder(path) as tmp:`` fill ``tmp``; on success it replaces ``path`` whole (``replace_dir``),
+    on an error nothing at ``path`` changes."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    replace_dir(tmp, path)

@@ -286,7 +286,7 @@ def test_a_fresh_run_refuses_an_output_dir_with_old_checkpoints(tmp_path):
     from tests.toy_recipe import ToyRecipe
 
     train(ToyRecipe(), toy_cfg(tmp_path, max_steps=40, save_every=20), Accelerator())
-    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run .* train.resume=latest"):
+    with pytest.raises(ConfigError, match="holds checkpoints or online rounds of an earlier run .* train.resume=latest"):
         train(ToyRecipe(), toy_cfg(tmp_path, max_steps=4, save_every=2), Accelerator())
     res = train(ToyRecipe(), toy_cfg(tmp_path, max_steps=44, save_every=2, resume="auto"), Accelerator())
     assert res.step == 44 and ckpt.resolve_checkpoint(tmp_path, "latest").name == "step-00000044"

@@ -199,7 +199,7 @@ def test_online_rounds_move_the_reward_on_held_out_prompts(tmp_path, config):
     rewards = [e["eval/reward"] for e in res.eval_history]
     assert len(rewards) >= 2 and rewards[-1] > rewards[0] + 0.2, rewards
     assert [r["round"] for r in res.online] == list(range(len(res.online))) and res.online[0]["rows"] >= 8
-    assert (tmp_path / "online_round0.parquet").exists() and (tmp_path / "final" / "config.json").exists()
+    assert (tmp_path / "online" / "round-00000" / "rows.parquet").exists() and (tmp_path / "final" / "config.json").exists()
 
 
 def test_hypo_trains_offline_pairs_with_online_kl(tmp_path):
@@ -209,7 +209,7 @@ def test_hypo_trains_offline_pairs_with_online_kl(tmp_path):
     res = run(load_config("configs/tiny/lm_dpo.yaml", [
         f"train.output_dir={tmp_path}", "train.progress=false", "model.tiny=null",
         "model.name_or_path=assets/models/toy-lm", "loss={name: hypo, beta: 0.1, kl_weight: 0.5}",
-        "online={samples: 2, max_new_tokens: 8, reward: 'mmalign.toyworld.text:pleasantness'}",
+        "online={samples: 2, max_new_tokens: 8, reward: 'py:mmalign.toyworld.text:pleasantness'}",
         "train.max_steps=4", "train.eval_every=0", "train.log_every=1", "train.batch_size=4"]))
     kls = [h["train/kl"] for h in res.history]
     assert len(kls) == 4 and all(math.isfinite(k) for k in kls) and abs(kls[0]) < 1e-4  # pi = pi_ref at step 1
@@ -225,6 +225,6 @@ def test_transformed_sum_of_rewards_is_reachable_from_the_config(tmp_path):
     res = run(load_config("configs/tiny/lm_online_dpo.yaml", [
         f"train.output_dir={tmp_path}", "train.progress=false", "online.rounds=1", "online.steps_per_round=2",
         "online.max_prompts=32", "online.reward_transform=true",
-        "online.reward='mmalign.toyworld.text:pleasantness + mmalign.toyworld.text:pleasant'"]))
+        "online.reward='py:mmalign.toyworld.text:pleasantness + py:mmalign.toyworld.text:pleasant'"]))
     assert res.online[0]["mean_reward"] <= 0.0
     assert -2.0 <= res.eval_history[0]["eval/reward"] <= 3.0

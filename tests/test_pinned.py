@@ -28,6 +28,8 @@ CASES = {
                                                              "data.vae_latents=mean"]),
     "captioner": ("configs/tiny/captioner_scst.yaml", ["data.eval_world_images=0"]),
     "vlm": ("configs/tiny/vlm_dpo.yaml", ["data.eval=null"]),
+    # round 0 of online DPO on the toy text world; recorded from b06586b, before the rounds moved into one run
+    "lm_online_dpo": ("configs/tiny/lm_online_dpo.yaml", ["online.rounds=1", "online.steps_per_round=5"]),
 }
 
 PINNED = {
@@ -38,6 +40,7 @@ PINNED = {
     "diffusion_sd_mean": [0.6931471824645996, 0.6921452879905701, 0.7425523996353149, 0.7214972972869873,
                           0.708129346370697],
     "lm_dpo": [0.6931471824645996, 0.6403456926345825, 0.6241223812103271, 0.582283616065979, 0.5877050757408142],
+    "lm_online_dpo": [0.6931471824645996, 0.686052143573761, 0.6809571981430054, 0.6728935241699219, 0.662109911441803],
     "lm_kto": [0.5, 0.48260730504989624, 0.4716484546661377, 0.5033328533172607, 0.46752315759658813],
     "vlm": [0.6931471824645996, 0.6934254169464111, 0.6919863224029541, 0.6893119812011719, 0.6823698282241821],
 }

@@ -7,6 +7,7 @@ import datasets
 import pytest
 import torch
 
+from mmalign.data.records import DataError
 from mmalign.train.sections import load_config
 from mmalign.toyworld.qa import QUESTIONS, answer, judge
 from mmalign.toyworld.world import make_dataset
@@ -179,7 +180,7 @@ def test_vlm_offline_and_online(tmp_path, monkeypatch):
     online = [
         f"train.output_dir={tmp_path / 'on'}", "train.progress=false", "data.train=null", "data.eval=null",
         "online={rounds: 1, world_images: 4, samples: 3, steps_per_round: 2, max_new_tokens: 6}",
-        "loss={name: mm_dpo, beta: 0.1}", "train.batch_size=2"]
+        "loss={name: mm_dpo, beta: 0.1}", "train.batch_size=2", "train.max_steps=2"]  # = rounds x steps_per_round
     real = vlm.get_world("shapes")
 
     class Judged:  # the shapes world with a judge of our choosing
@@ -191,12 +192,13 @@ def test_vlm_offline_and_online(tmp_path, monkeypatch):
 
     # a judge that ties every answer: no preference to learn -- a clear error, not a silent no-op
     monkeypatch.setattr(vlm, "get_world", lambda name: Judged(lambda image, kind, text: 0.0))
-    with pytest.raises(RuntimeError, match="online round 0: only 0 informative rows"):
+    with pytest.raises(DataError, match="online round 0: only 0 informative rows"):
         run(load_config("configs/tiny/vlm_dpo.yaml", online))
     # a judge that separates the samples: pairs are written, trained on, logged with their margins
     monkeypatch.setattr(vlm, "get_world", lambda name: Judged(lambda image, kind, text: float(len(text))))
+    online[0] = f"train.output_dir={tmp_path / 'on2'}"  # the failed run's round folder is not reused
     res = run(load_config("configs/tiny/vlm_dpo.yaml", online))
-    rows = datasets.Dataset.from_parquet(str(tmp_path / "on" / "online_round0.parquet"))
+    rows = datasets.Dataset.from_parquet(str(tmp_path / "on2" / "online" / "round-00000" / "rows.parquet"))
     assert len(rows) >= 2 and all(len(c) > len(r) for c, r in zip(rows["chosen"], rows["rejected"]))
     assert res.online[0]["rows"] == len(rows) and res.online[0]["mean_margin"] > 0
     assert res.step == 2

@@ -97,6 +97,7 @@ class ListBatch(_Batch):
     labels: Tensor  # [B, K] scores, higher is better
     list_mask: Tensor  # [B, K] valid entries
     index: Tensor
+    old_logps: Optional[Tensor] = None  # [B, K] summed log-probs under the policy that sampled them (online groups)
 
     def __len__(self):
         return len(self.index)
@@ -196,11 +197,7 @@ class TextPreferenceData(torch.utils.data.Dataset):
                         self._err(i, f"samples[{j}] is empty")
 
     def encode(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-        """prompt ids (left-truncated to max_prompt_length) + completion ids + EOS (right-truncated)."""
-        p = self.tok(prompt, add_special_tokens=False)["input_ids"][-self.max_prompt_length:] if prompt else []
-        c = self.tok(completion, add_special_tokens=False)["input_ids"] + [self.eos]
-        c = c[: self.max_length - len(p)]
-        return p + c, [0] * len(p) + [1] * len(c)
+        return encode_completion(self.tok, prompt, completion, self.max_length, self.max_prompt_length)
 
     def __getitem__(self, i):
         r = self.ds[int(i)]
@@ -220,6 +217,8 @@ class TextPreferenceData(torch.utils.data.Dataset):
         elif self.fmt == "ranked":
             out["seqs"] = [self.encode(r["prompt"], c) for c in r["completions"]]
             out["scores"] = [float(s) for s in r["scores"]]
+            if r.get("old_logps") is not None:  # online groups: log-probs under the policy that sampled them
+                out["old_logps"] = [float(x) for x in r["old_logps"]]
         elif self.fmt == "negatives":
             out["seqs"] = [self.encode(r["prompt"], c) for c in r["samples"]] + [self.encode(r["prompt"], r["rejected"])]
         if self.has_margin:
@@ -250,12 +249,15 @@ class TextPreferenceData(torch.utils.data.Dataset):
         if self.fmt == "ranked":
             k = max(len(it["seqs"]) for it in items)
             flat, labels, mask = [], torch.zeros(len(items), k), torch.zeros(len(items), k, dtype=torch.bool)
+            old = torch.zeros(len(items), k) if all("old_logps" in it for it in items) else None
             for b, it in enumerate(items):
                 m = len(it["seqs"])
                 flat += it["seqs"] + [it["seqs"][0]] * (k - m)  # padding slots repeat a real row, masked out
                 labels[b, :m] = torch.tensor(it["scores"])
                 mask[b, :m] = True
-            return ListBatch(pad_sequences(flat, self.pad), labels, mask, index)
+                if old is not None:
+                    old[b, :m] = torch.tensor(it["old_logps"])
+            return ListBatch(pad_sequences(flat, self.pad), labels, mask, index, old)
         if self.fmt == "negatives":
             k = max(len(it["seqs"]) - 1 for it in items)
             flat, mask = [], torch.zeros(len(items), k, dtype=torch.bool)
@@ -266,6 +268,15 @@ class TextPreferenceData(torch.utils.data.Dataset):
             flat += [it["seqs"][-1] for it in items]
             return NegativesBatch(pad_sequences(flat, self.pad), mask, index)
         raise AssertionError(self.fmt)
+
+
+def encode_completion(tok, prompt: str, completion: str, max_length: int, max_prompt_length: int):
+    """(ids, completion mask): prompt ids (left-truncated to max_prompt_length) + completion ids + EOS
+    (right-truncated to max_length)."""
+    p = tok(prompt, add_special_tokens=False)["input_ids"][-max_prompt_length:] if prompt else []
+    c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    c = c[: max_length - len(p)]
+    return p + c, [0] * len(p) + [1] * len(c)
 
 
 def pad_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Sequences:

@@ -1,5 +1,5 @@
 """Bundled image reward models: ``REWARDS`` registry, ``load_reward``, and ``mmalign score``."""
-from . import imagereward  # noqa: F401  (registers "imagereward")
+from . import imagereward, signals  # noqa: F401  (register "imagereward", "saturation", "brightness")
 from .models import (
     REWARDS,
     AestheticMLP,

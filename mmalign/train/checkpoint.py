@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmalign.config import ConfigError
+from mmalign.utils import replace_dir  # noqa: F401  (re-exported)
 
 STATE = "state.json"
 
@@ -152,9 +153,11 @@ def check_fresh(output_dir):
     delete its own new ones and leave ``latest`` dangling): refuse, naming the way out."""
     root = checkpoint_dir(output_dir)
     old = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+    old += sorted(p.name for p in (Path(output_dir) / "online").glob("round-*"))  # an online run's sampled rounds
     if old:
-        raise ConfigError(f"train.output_dir {output_dir} holds checkpoints of an earlier run ({old[-1]}, ...): "
-                          "continue it with train.resume=latest (or auto), or start fresh in another train.output_dir")
+        raise ConfigError(f"train.output_dir {output_dir} holds checkpoints or online rounds of an earlier run "
+                          f"({old[-1]}, ...): continue it with train.resume=latest (or auto), or start fresh in "
+                          "another train.output_dir")
 
 
 @contextlib.contextmanager
@@ -185,18 +188,6 @@ def output_lock(output_dir, enabled: bool = True):
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
-
-
-def replace_dir(tmp: Path, final: Path):
-    """Put a fully written folder ``tmp`` in place of ``final``: a crash at any point leaves either the old
-    ``final`` or the new one, never a partial one (at worst a ``.old`` / ``.tmp`` folder beside it)."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_checkpoint(output_dir, resume: str) -> Path:

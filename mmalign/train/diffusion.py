@@ -20,6 +20,7 @@ from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
 from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
+from mmalign.diffusion.online import DiffusionRounds
 from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.diffusion.validation import Validator, reward_scorer, sample_images
@@ -27,7 +28,9 @@ from mmalign.losses import RunningMoments
 from mmalign.models.reference import Reference, resolve_kind
 from mmalign.rewards import load_reward
 
+from .guard import Guard
 from .loop import StepOutput
+from .online import OnlineRounds, weight_keeper
 from .recipe import RecipeBase, run_recipe
 from .sections import DiffusionConfig
 
@@ -76,7 +79,8 @@ class DiffusionRecipe(RecipeBase):
         self.beta = float(self.hp.pop("beta", 5000.0))
         dev, self.dtype = accelerator.device, frozen_dtype(cfg)
         d = cfg.data
-        self.train_data = self._pairs(d.train, d.split, d.max_examples)
+        # online runs sample their pairs round by round (mmalign.diffusion.online): no pair data to read
+        self.train_data = self._pairs(d.train, d.split, d.max_examples) if cfg.online is None else None
         self.eval_data = self._pairs(d.eval, d.eval_split, d.max_eval_examples) if d.eval else None
         # with a finished latent + text cache the step never runs the VAE or the text encoders: leave them on
         # disk (SDXL: 0.9B parameters, Flux: T5-XXL's 4.7B); validation and full exports read them when needed
@@ -140,6 +144,11 @@ class DiffusionRecipe(RecipeBase):
             raise ValueError("data.label_mode=soft sets label_smoothing per pair; remove loss.label_smoothing")
         self.validator = Validator(cfg.validation, d.resolution, cfg.train.output_dir, self.sample, self.export,
                                    scorer or reward_scorer(cfg.validation, accelerator.device))
+        if cfg.online is not None:
+            o = cfg.online
+            self.online = OnlineRounds(DiffusionRounds(self, cfg), o.rounds, o.steps_per_round,
+                                       cfg.train.batch_size * accelerator.num_processes, cfg.train.output_dir,
+                                       accelerator, Guard(patience=o.guard), weight_keeper(self))
         if self.ref_kind == "precomputed":  # kept in data.cache_dir: later runs on the same data reuse it
             for split, data, k in (("train", self.train_data, d.noise_draws), ("eval", self.eval_data, 1)):
                 if data is not None:
@@ -184,9 +193,13 @@ class DiffusionRecipe(RecipeBase):
         n = sum(p.numel() for p in self.unet.parameters())
         t = sum(p.numel() for p in self.trainable_parameters())
         name = "transformer" if self.family.flow else "UNet"
+        o = self.cfg.online
+        data = self.train_data.describe() if o is None else (
+            f"online: {o.rounds} rounds x {o.steps_per_round} steps, {o.samples} images x "
+            f"{len(self.online.source.prompts)} prompts per round, reward {o.reward}")
         return (f"diffusion/{self.cfg.loss.name} {self.comp.kind} ({self.comp.prediction_type}) | {name} {n / 1e6:.2f}M "
                 f"({t / 1e6:.3f}M trainable{', LoRA' if self.cfg.model.lora else ''}) | reference {self.ref_kind} | "
-                f"beta {self.beta:g} | {self.train_data.describe()}")
+                f"beta {self.beta:g} | {data}")
 
     # ------------------------------------------------------------------ inputs and scores
 

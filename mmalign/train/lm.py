@@ -5,12 +5,11 @@ branches on a loss *name*. The same scoring code serves VLMs and captioners (``m
 """
 from __future__ import annotations
 
-import importlib
+from typing import Callable
 
 import torch
-from accelerate.utils import set_seed
 
-from mmalign.config import ConfigError, to_dict
+from mmalign.config import ConfigError
 from mmalign.data.prompts import load_prompts
 from mmalign.data.records import load_table
 from mmalign.data.text import (
@@ -19,6 +18,7 @@ from mmalign.data.text import (
     NegativesBatch,
     PairBatch,
     TextPreferenceData,
+    encode_completion,
     format_for_loss,
     pad_sequences,
 )
@@ -26,10 +26,12 @@ from mmalign.losses import LOSSES, RunningMoments, activation_mask, kto_kl, toke
 from mmalign.models.lm import (TokenLogps, build_causal_lm, completion_logps, enable_gradient_checkpointing,
                                sample_completions)
 from mmalign.models.reference import Reference, resolve_kind
+from mmalign.rewards.spec import load_function, parse_reward_spec
 from mmalign.rewards.transform import reference_rewards, transformed_reward
 
-from .loop import StepOutput, make_accelerator
-from .online import best_worst_pairs, run_rounds
+from .guard import Guard
+from .loop import StepOutput
+from .online import CompletionRounds, OnlineRounds, best_worst_pairs
 from .recipe import RecipeBase, run_recipe
 from .sections import LMConfig
 
@@ -59,6 +61,46 @@ class LMRecipe(RecipeBase):
             self.reference.store("train", self.precompute(self.train_data))
             if self.eval_data is not None:
                 self.reference.store("eval", self.precompute(self.eval_data))
+        if cfg.online is not None and "online_samples" not in self.loss_fn.uses:  # HyPO samples inside its steps
+            self.online = self.online_rounds()
+
+    def online_rounds(self) -> OnlineRounds:
+        """On-policy rounds: K completions per prompt from the current policy, judged by ``online.reward`` (each
+        reward term log-sigmoid-transformed against round 0's per-prompt quantile with ``reward_transform``)."""
+        cfg, o, d = self.cfg, self.cfg.online, self.cfg.data
+        prompts = online_prompts(cfg)
+        rewards = text_rewards(o.reward)
+        plain = summed(rewards)
+        judge = lambda p, ctx, y: plain(p, y)  # noqa: E731
+        if o.reward_transform:  # r_ref(x) per reward from the base policy's samples, then sum_m log sigmoid(r_m - r_ref,m)
+            if any(w != 1.0 for w, _ in rewards):
+                raise ConfigError("online.reward: weights are not defined with online.reward_transform (the transform "
+                                  "sums log-sigmoids of the plain rewards)")
+            base = sample_completions(self.policy, self.tokenizer, prompts, o.samples, o.max_new_tokens, o.temperature,
+                                      seed=cfg.train.seed * 1000, max_prompt_length=d.max_prompt_length)
+            each = lambda p, y: [float(r(p, y)) for _, r in rewards]  # noqa: E731
+            ref = {p: reference_rewards(torch.tensor([[each(p, y) for y in ys]]), o.reference_quantile)[0]
+                   for p, ys in zip(prompts, base)}
+            judge = lambda p, ctx, y: float(transformed_reward(torch.tensor([each(p, y)]), ref[p])[0])  # noqa: E731
+
+        def generate(ps, ctxs, k, seed):
+            return sample_completions(self.policy, self.tokenizer, ps, k, o.max_new_tokens, o.temperature, seed,
+                                      d.max_prompt_length)
+
+        fmt = format_for_loss(self.loss_fn)
+        make_data = lambda path: TextPreferenceData(str(path), fmt, self.tokenizer, d.max_length,  # noqa: E731
+                                                    d.max_prompt_length)
+
+        def groups(p, ctx, comps, scores):  # + the sampling policy's log-probs: the KL of a trust region (DisCO)
+            rows = group_rows(p, ctx, comps, scores)
+            if rows and "group_kl" in self.loss_fn.uses:
+                rows[0]["old_logps"] = self._sequence_logps(p, rows[0]["completions"])
+            return rows
+
+        source = CompletionRounds(self.acc, self.policy, generate, judge, prompts, [None] * len(prompts), o.samples,
+                                  cfg.train.seed, make_data, best_worst_pairs if self.loss_fn.kind == "pairwise" else groups)
+        return OnlineRounds(source, o.rounds, o.steps_per_round, cfg.train.batch_size * self.acc.num_processes,
+                            cfg.train.output_dir, self.acc, Guard(patience=0))
 
     def build_model(self, cfg):
         return build_causal_lm(cfg.model)
@@ -224,6 +266,10 @@ class LMRecipe(RecipeBase):
             r = ref_tab["list"] if ref_tab else None
             if "list_lengths" in fn.uses:
                 extras["lengths"] = pol.lengths().view(b, -1)
+            if "group_kl" in fn.uses and batch.old_logps is not None:  # DisCO's trust region to the sampling policy
+                m_ = batch.list_mask.to(pol.logps.dtype)
+                extras["kl"] = ((batch.old_logps - pol.sum().view(b, -1)) * m_).sum() / \
+                    (pol.lengths().view(b, -1) * m_).sum().clamp(min=1)
             loss, m = fn(s, r, batch.labels, mask=batch.list_mask, **hp, **extras)
         elif kind == "negatives":
             assert isinstance(batch, NegativesBatch)
@@ -250,6 +296,16 @@ class LMRecipe(RecipeBase):
             r = self._logps(ref, seqs).sum().view(len(batch), -1)
         return {"sample_logps": pol, "sample_ref_logps": r}
 
+    @torch.no_grad()
+    def _sequence_logps(self, prompt: str, completions: list[str]) -> list[float]:
+        """Summed completion log-probs of ``completions`` under the current policy, encoded as the data encodes them."""
+        d = self.cfg.data
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        seqs = pad_sequences([encode_completion(self.tokenizer, prompt, c, d.max_length, d.max_prompt_length)
+                              for c in completions], pad)
+        seqs.to(self.acc.device)
+        return self._logps(self.policy, seqs).sum().tolist()
+
     def _sparse_inputs(self, pol: TokenLogps, ref: TokenLogps) -> dict:
         out = {}
         mode = self.cfg.token_weights
@@ -267,7 +323,7 @@ class LMRecipe(RecipeBase):
         out = self.evaluate_pairs(self.eval_data, step)
         o = self.cfg.online
         if o is not None and o.eval_prompts and self.acc.is_main_process:  # the reward itself, on held-out prompts
-            reward = summed(load_rewards(o.reward))
+            reward = summed(text_rewards(o.reward))
             ps = load_prompts(o.eval_prompts)
             groups = sample_completions(self.policy, self.tokenizer, ps, o.eval_samples, o.max_new_tokens,
                                         o.temperature, seed=12_345, max_prompt_length=self.cfg.data.max_prompt_length)
@@ -290,22 +346,13 @@ def online_prompts(cfg: LMConfig) -> list[str]:
     return ps[: o.max_prompts]
 
 
-def load_callable(spec: str):
-    """``module:function`` -> the function (rewards for online rounds are user code)."""
-    module, _, name = spec.strip().partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"online.reward={spec!r}: cannot import it ({e})") from e
+def text_rewards(spec: str, key: str = "online.reward") -> list[tuple[float, Callable]]:
+    """``"py:mod:f + 0.5*py:mod:g"`` -> [(1.0, f), (0.5, g)] (text rewards are Python functions f(prompt, completion))."""
+    return [(t.weight, load_function(t.name, key)) for t in parse_reward_spec(spec, key)]
 
 
-def load_rewards(spec: str) -> list:
-    """``"mod:f + mod:g"`` -> [f, g]."""
-    return [load_callable(part) for part in spec.split("+")]
-
-
-def summed(rewards: list):
-    return lambda p, y: float(sum(r(p, y) for r in rewards))
+def summed(rewards: list[tuple[float, Callable]]):
+    return lambda p, y: float(sum(w * r(p, y) for w, r in rewards))
 
 
 def group_rows(prompt, context, completions, scores) -> list[dict]:
@@ -317,31 +364,5 @@ def group_rows(prompt, context, completions, scores) -> list[dict]:
 
 
 def run(cfg: LMConfig, accelerator=None):
-    if cfg.online is None or "online_samples" in cfg.loss.fn.uses:  # offline (HyPO samples inside its steps)
-        return run_recipe(LMRecipe, cfg, accelerator)
-    acc = accelerator or make_accelerator(cfg.train)
-    set_seed(cfg.train.seed)
-    recipe = LMRecipe(cfg, acc)
-    o, d = cfg.online, cfg.data
-    prompts = online_prompts(cfg)
-    rewards = load_rewards(o.reward)
-    plain = summed(rewards)
-    judge = lambda p, ctx, y: plain(p, y)  # noqa: E731
-    if o.reward_transform:  # r_ref(x) per reward from the base policy's samples, then sum_m log sigmoid(r_m - r_ref,m)
-        base = sample_completions(recipe.policy, recipe.tokenizer, prompts, o.samples, o.max_new_tokens,
-                                  o.temperature, seed=cfg.train.seed * 1000, max_prompt_length=d.max_prompt_length)
-        each = lambda p, y: [float(r(p, y)) for r in rewards]  # noqa: E731
-        ref = {p: reference_rewards(torch.tensor([[each(p, y) for y in ys]]), o.reference_quantile)[0]
-               for p, ys in zip(prompts, base)}
-        judge = lambda p, ctx, y: float(transformed_reward(torch.tensor([each(p, y)]), ref[p])[0])  # noqa: E731
-
-    def generate(ps, ctxs, k, seed):
-        return sample_completions(recipe.policy, recipe.tokenizer, ps, k, o.max_new_tokens, o.temperature, seed,
-                                  d.max_prompt_length)
-
-    fmt = format_for_loss(recipe.loss_fn)
-    return run_rounds(recipe, cfg, o, acc, generate, judge, prompts, [None] * len(prompts),
-                      make_data=lambda path: TextPreferenceData(str(path), fmt, recipe.tokenizer, d.max_length,
-                                                                d.max_prompt_length),
-                      rows_fn=best_worst_pairs if recipe.loss_fn.kind == "pairwise" else group_rows,
-                      config=to_dict(cfg))
+    """Train (offline, or in online rounds when ``online`` is set) and export ``final``."""
+    return run_recipe(LMRecipe, cfg, accelerator)

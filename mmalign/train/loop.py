@@ -319,14 +319,27 @@ def _train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
         skipped_rows, read_rows = loaded["state"].get("skipped_rows", 0), loaded["state"].get("read_rows", 0)
         acc.print(f"resumed from {path} at step {step}")
 
-    data = recipe.train_data
-    if len(data) < cfg.batch_size * world:
-        raise DataError(f"the training data has {len(data)} rows, fewer than one global batch (train.batch_size="
-                        f"{cfg.batch_size} x {world} processes): lower train.batch_size or add data")
-    sampler = ResumableBatches(len(data), cfg.batch_size, world, rank, cfg.seed, start=step * cfg.grad_accum)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=data.collate,
-                                         num_workers=cfg.num_workers)
-    batches = iter(loader)
+    online = getattr(recipe, "online", None)  # OnlineRounds: the data changes every steps_per_round steps (mmalign.train.online)
+    if online is not None and resume:
+        online.load_state_dict(loaded["state"].get("online"))
+
+    def batches_from(at_step: int):
+        """The batches from ``at_step`` on: the recipe's data (offline), or the data of the round ``at_step`` is
+        in (online; round r's epochs are seeded seed + r, its first step is r x steps_per_round)."""
+        r, first = (0, 0) if online is None else (at_step // online.spr, at_step // online.spr * online.spr)
+        data = recipe.train_data if online is None else online.data_for(r, at_step)
+        if data is None:
+            return None
+        recipe.train_data = data
+        if len(data) < cfg.batch_size * world:
+            raise DataError(f"the training data has {len(data)} rows, fewer than one global batch (train.batch_size="
+                            f"{cfg.batch_size} x {world} processes): lower train.batch_size or add data")
+        sampler = ResumableBatches(len(data), cfg.batch_size, world, rank, cfg.seed + r,
+                                   start=(at_step - first) * cfg.grad_accum)
+        return iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=data.collate,
+                                                num_workers=cfg.num_workers))
+
+    batches = batches_from(step) if online is None else None  # online: the round is sampled after step 0's eval
 
     if acc.is_main_process:
         acc.print(f"training {recipe.describe()} | lr {lr:.3g}{' (scaled)' if cfg.scale_lr else ''} | "
@@ -335,6 +348,8 @@ def _train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     if acc.log_with:
         acc.init_trackers("mmalign", config=_flat_scalars(config or {}))
     metrics = MetricsLog(out_dir / "metrics.jsonl", step if resume else None, acc.is_main_process)
+    if online is not None:
+        online.log = MetricsLog(out_dir / "online.jsonl", step if resume else None, acc.is_main_process)
     result = TrainResult(step=step, output_dir=str(out_dir), skipped_steps=skipped)
 
     def reduce_sum(t: Tensor) -> Tensor:
@@ -352,18 +367,21 @@ def _train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
             scheduler=scheduler, accelerator=acc, keep=cfg.keep_checkpoints,
             state={"skipped_steps": skipped, "consumed_batches": at_step * cfg.grad_accum,
                    "skipped_rows": skipped_rows, "read_rows": read_rows,
-                   "recipe": recipe.extra_state(), "config": config or {}})
+                   "recipe": recipe.extra_state(), "config": config or {},
+                   **({"online": online.state_dict()} if online is not None else {})})
         result.last_checkpoint = str(path)
         return path
 
     def evaluate(at_step: int):
         m = recipe.evaluate(at_step)
+        if online is not None and at_step % online.spr == 0:  # the trained reward and the panel after a round
+            m = {**m, **online.evaluate(at_step)}
         if m:
             rec = {"step": at_step, **{f"eval/{k}": v for k, v in m.items()}}
             result.eval_history.append(rec)
             log(rec)
 
-    if cfg.eval_every and step == 0:
+    if (cfg.eval_every or online is not None) and step == 0:
         evaluate(0)
 
     bar = None
@@ -376,12 +394,16 @@ def _train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
     try:
         with _sigterm_as_interrupt():
             while step < cfg.max_steps:
+                if online is not None and (batches is None or step % online.spr == 0):
+                    batches = batches_from(step)  # a new round: sampled now with the current weights (or read back)
+                    if batches is None:
+                        break  # the round gave too few informative rows (the source said so)
                 micro = [next(batches) for _ in range(cfg.grad_accum)]
                 counts = reduce_sum(torch.tensor([float(sum(len(b) for b in micro)),
                                                   float(sum(getattr(b, "skipped", 0) for b in micro))]))
                 n_global, n_unreadable = float(counts[0]), int(counts[1])
                 skipped_rows, read_rows = skipped_rows + n_unreadable, read_rows + int(n_global) + n_unreadable
-                _check_unreadable(skipped_rows, read_rows, len(data), cfg.max_unreadable_fraction)
+                _check_unreadable(skipped_rows, read_rows, len(recipe.train_data), cfg.max_unreadable_fraction)
                 empty_step = n_global == 0  # every row unreadable: the step is skipped (and counted as such)
                 n_global = max(n_global, 1.0)
                 model.train()
@@ -449,7 +471,6 @@ def _train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                 for k in step_sums.sums:
                     window.sums[k] += step_sums.sums[k]
                     window.counts[k] += step_sums.counts[k]
-                recipe.on_step_end(step, applied=not bad)
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -469,10 +490,14 @@ def _train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
                         on_step(step, rec)
                     window = MetricSums()
                     t0 = time.time()
-                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                recipe.on_step_end(step, applied=not bad)  # after the step's record is written: none is ever lost
+                round_end = online is not None and step % online.spr == 0
+                if round_end or (cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
                     evaluate(step)
-                    stop = torch.tensor([float(recipe.stop)])
-                    if float(reduce_sum(stop)[0]) > 0:  # early stopping decided by the recipe (any rank)
+                    halt = recipe.stop or (online is not None and online.stop)
+                    if float(reduce_sum(torch.tensor([float(halt)]))[0]) > 0:  # early stop by the recipe or the guard
+                        if cfg.save_every:
+                            save(step)
                         break
                 if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
                     save(step)

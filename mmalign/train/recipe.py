@@ -19,8 +19,8 @@ from accelerate.utils import set_seed
 
 from mmalign.config import ConfigError, to_dict
 from mmalign.losses import MetricSums
+from mmalign.utils import replace_dir
 
-from .checkpoint import replace_dir
 from .loop import StepOutput, TrainResult, eval_summary, make_accelerator, train
 
 Tensor = torch.Tensor
@@ -70,6 +70,8 @@ class RecipeBase:
     ema = None
     running = None
     compiled = None
+    online = None
+    """``OnlineRounds`` when the run samples its own data in rounds (``mmalign.train.online``)"""
 
     # ---------------------------------------------------------------- the model hand-off
     def trainable_module(self) -> torch.nn.Module:
@@ -232,6 +234,8 @@ def run_recipe(recipe_cls, cfg, accelerator=None, summary: bool = False, **kwarg
     set_seed(cfg.train.seed)
     recipe = recipe_cls(cfg, acc, **kwargs)
     result = train(recipe, cfg.train, acc, config=to_dict(cfg))
+    if recipe.online is not None:  # the guard's best round's weights, the round log and its plot
+        result.online = recipe.online.finish()
     export_final(recipe, result, acc, summary)
     result.recipe = recipe
     return result

@@ -221,22 +221,51 @@ class TextDataSection:
 
 
 @dataclass(kw_only=True)
-class TextOnlineSection:
-    """On-policy rounds for text (``mmalign.train.online``): K samples per prompt from the current policy,
-    scored by ``reward``; pairwise losses train on best-vs-worst pairs (with the reward margin), group losses
-    (DisCO, f-DPG) on whole groups. HyPO instead samples inside every step (no rounds needed)."""
+class OnlineBase:
+    """On-policy rounds inside one training run (``mmalign.train.online``), for every modality: each round
+    samples ``samples`` outputs per prompt from the current policy, scores them, trains ``steps_per_round``
+    optimiser steps on the rows they give; ``train.max_steps`` is ``rounds x steps_per_round``. The run
+    evaluates after every round (and at step 0)."""
 
     rounds: int = 2
-    prompts: Optional[str] = None
-    """a .txt / .jsonl / parquet file of prompts (prompt column); default: the prompts of data.train"""
-    max_prompts: Optional[int] = None
-    samples: int = 4
     steps_per_round: int = 20
+    samples: int = 4
+    """K, outputs sampled per prompt per round (at least 2: a preference needs two)"""
+    prompts: Optional[str] = None
+    """a .txt / .jsonl / .csv / parquet file of prompts, or a prompt set (shapes, partiprompts, ...)"""
+    max_prompts: Optional[int] = None
+
+    def validate(self):
+        for k in ("rounds", "steps_per_round"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"online.{k} must be >= 1, got {getattr(self, k)}")
+        if self.samples < 2:
+            raise ConfigError(f"online.samples must be >= 2 (a preference needs two outputs of a prompt), got "
+                              f"{self.samples}")
+
+
+def bind_rounds(train: "TrainSection", online: OnlineBase | None, max_steps_default: int = 100):
+    """An online run trains ``rounds x steps_per_round`` steps: set (or check) ``train.max_steps`` to that."""
+    if online is None:
+        return
+    total = online.rounds * online.steps_per_round
+    if train.max_steps not in (max_steps_default, total):
+        raise ConfigError(f"train.max_steps={train.max_steps}, but online rounds train online.rounds x "
+                          f"online.steps_per_round = {total} steps: leave train.max_steps out")
+    train.max_steps = total
+
+
+@dataclass(kw_only=True)
+class TextOnlineSection(OnlineBase):
+    """On-policy rounds for text: K samples per prompt from the current policy, scored by ``reward``; pairwise
+    losses train on best-vs-worst pairs (with the reward margin), group losses (DisCO, f-DPG) on whole groups.
+    HyPO instead samples inside every step (no rounds needed). ``prompts``: default the prompts of data.train."""
+
     temperature: float = 1.0
     max_new_tokens: int = 16
     reward: str = ""
-    """a Python callable as "module:function", f(prompt, completion) -> float; several joined by "+" are
-    summed (each transformed first when ``reward_transform``: a logical AND of the rewards)"""
+    """py:module:function, f(prompt, completion) -> float; several joined by "+" (optionally weighted, 0.5*py:...)
+    are summed (each transformed first when ``reward_transform``: a logical AND of the rewards)"""
     reward_transform: bool = False
     """score with log sigmoid(r - r_ref(x)), r_ref = the ``reference_quantile`` of round 0's rewards for the
     prompt (Wang et al. 2024, arXiv 2402.00742)"""
@@ -246,9 +275,12 @@ class TextOnlineSection:
     eval_samples: int = 4
 
     def validate(self):
-        if not all(":" in part for part in self.reward.split("+")):
-            raise ConfigError(f"online.reward must name callables as module:function (several joined by +), "
-                              f"got {self.reward!r}")
+        super().validate()
+        from mmalign.rewards.spec import parse_reward_spec  # rewards: loaded when a text config has online rounds
+
+        if any(t.kind != "py" for t in parse_reward_spec(self.reward, "online.reward")):
+            raise ConfigError(f"online.reward: text rewards are Python functions f(prompt, completion), named "
+                              f"py:module:function; got {self.reward!r}")
 
 
 @dataclass(kw_only=True)
@@ -281,7 +313,11 @@ class LMConfig:
                               "(samples, temperature, max_new_tokens; its reward is not used)")
         if self.data.train is None and (self.online is None or "online_samples" in self.loss.fn.uses):
             raise ConfigError("lm: set data.train (offline data), or online for on-policy rounds")
+        if self.online is not None and self.online.prompts is None and self.data.train is None:
+            raise ConfigError("online.prompts: the rounds need prompts: set online.prompts or data.train")
         check_loss_and_batching(self.loss, self.train)
+        if "online_samples" not in self.loss.fn.uses:
+            bind_rounds(self.train, self.online)
 
 
 RECIPES["lm"] = LMConfig
@@ -317,8 +353,9 @@ class DiffusionModelSection(PolicySource):
 
 @dataclass(kw_only=True)
 class DiffusionDataSection:
-    train: str
-    """Pick-a-Pic-style parquet file/folder, save_to_disk folder, imagefolder with metadata.jsonl, or hub name"""
+    train: Optional[str] = None
+    """Pick-a-Pic-style parquet file/folder, save_to_disk folder, imagefolder with metadata.jsonl, or hub name
+    (optional for online runs, whose pairs are sampled; their prompts default to its captions)"""
     split: str = "train"
     eval: Optional[str] = None
     """held-out pairs: implicit reward accuracy and loss are reported at every train.eval_every steps"""
@@ -427,6 +464,69 @@ class ValidationSection:
 
 
 @dataclass(kw_only=True)
+class DiffusionOnlineSection(OnlineBase):
+    """Online alignment of a text-to-image model (``mmalign.diffusion.online``): each round samples ``samples``
+    images per prompt from the current policy (classifier-free guidance, noise keyed by (seed, round, prompt,
+    k)), keeps their final latents, scores the decoded images with ``reward`` and trains the recipe's pairwise
+    loss on pairs from each prompt's group. After every round the trained reward and the held-out ``panel``
+    (rewards not trained on, plus saturation, brightness, diversity and latent norm) are scored on
+    ``eval_prompts`` x ``eval_seeds``; ``guard`` > 0 stops a run whose panel falls while the trained reward
+    rises. ``prompts``: default the captions of data.train."""
+
+    reward: str = "reward:pickscore"
+    """the trained reward: reward:NAME, world:NAME or py:module:function (f(images, prompts) -> scores), several
+    joined by + with optional weights (0.7*reward:pickscore + 0.3*reward:hpsv2)"""
+    normalize: Literal["group", "none"] = "group"
+    """group: each reward term is z-scored within a prompt's group before the weighted sum (rewards on
+    different scales weigh as their weights say); none: the raw weighted sum"""
+    reward_models: dict[str, str] = field(default_factory=dict)
+    """weights per REWARDS name for reward and panel, e.g. {hpsv2: /models/HPS_v2.1_compressed.pt}"""
+    tiny_rewards: bool = False
+    """random tiny reward weights (tests and smoke runs)"""
+    pairs: Literal["best_worst", "halves"] = "best_worst"
+    """best_worst: one pair per prompt, its best vs its worst image (flow_grpo's online DPO); halves: the i-th best
+    vs the i-th worst image, K/2 pairs per prompt (the demo's labelling)"""
+    min_margin: float = 0.0
+    """a pair needs reward(winner) - reward(loser) > min_margin (> 0 always: equal scores carry no preference)"""
+    sample_steps: int = 20
+    guidance: float = 5.0
+    """classifier-free guidance scale of the rollouts and the evaluation samples"""
+    resolution: Optional[int] = None
+    """default data.resolution"""
+    scheduler: Literal["ddim", "euler"] = "ddim"
+    """UNet families: the rollout sampler (deterministic DDIM, or Euler discrete); flow models use their own
+    flow-matching Euler sampler"""
+    prompts_per_batch: int = 4
+    """prompts per sampling call (x samples images, x2 with guidance); a round's calls are shared across processes"""
+    panel: str = ""
+    """held-out rewards, not trained on, scored every round (same syntax as reward)"""
+    eval_prompts: Optional[str] = None
+    """the evaluation prompts (default: online.prompts); those not among the training prompts are reported as held out"""
+    eval_seeds: int = 4
+    """images per evaluation prompt (fixed seeds, the same every round)"""
+    guard: int = 0
+    """stop after this many rounds in a row in which the trained reward rose while a panel entry fell below the
+    interval of its best round, and keep the best round's weights (0 = report only)"""
+
+    def validate(self):
+        super().validate()
+        from mmalign.rewards.spec import parse_reward_spec  # rewards: loaded when a config has online rounds
+
+        trained = parse_reward_spec(self.reward, "online.reward")
+        if self.panel:
+            panel = parse_reward_spec(self.panel, "online.panel")
+            both = sorted({t.label for t in trained} & {t.label for t in panel})
+            if both:
+                raise ConfigError(f"online.panel repeats the trained reward ({', '.join(both)}): the panel must be "
+                                  "rewards the run is not trained on, or it cannot show hacking")
+        for k in ("sample_steps", "prompts_per_batch", "eval_seeds"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"online.{k} must be >= 1, got {getattr(self, k)}")
+        if self.min_margin < 0 or self.guard < 0:
+            raise ConfigError("online.min_margin and online.guard must be >= 0")
+
+
+@dataclass(kw_only=True)
 class DiffusionConfig:
     """Diffusion-DPO and relatives on SD 1.5 / 2.1 / SDXL and flow-matching SD3 / SD3.5 / FLUX.1
     (``recipe: diffusion``).
@@ -448,6 +548,8 @@ class DiffusionConfig:
     """set for multi-user PPD training (data needs a user_id column)"""
     flow: FlowSection = field(default_factory=FlowSection)
     """flow-matching options (model.kind sd3 / flux)"""
+    online: Optional[DiffusionOnlineSection] = None
+    """online rounds: pairs sampled from the current policy and labelled by a reward (instead of data.train)"""
 
     runner = "mmalign.train.diffusion:run"
 
@@ -475,6 +577,30 @@ class DiffusionConfig:
         if self.model.reference == "precomputed" and self.data.noise_draws < 1:
             raise ConfigError("model.reference=precomputed needs data.noise_draws >= 1 (the fixed noise draws "
                               "whose reference scores are computed before training)")
+        self._validate_online()
+
+    def _validate_online(self):
+        o = self.online
+        if o is None:
+            if self.data.train is None:
+                raise ConfigError("data.train: required (or set online for pairs sampled during training)")
+            return
+        from mmalign.rewards.spec import needs_prompts, parse_reward_spec  # rewards: loaded for online configs
+
+        if o.prompts is None and self.data.train is None:
+            needy = [t.label for t in parse_reward_spec(o.reward, "online.reward") if needs_prompts(t)]
+            raise ConfigError("online.prompts: the rounds need prompts to sample from" + (
+                f" (and {', '.join(needy)} scores images against them)" if needy else "")
+                + ": set online.prompts (a file or a prompt set) or data.train (its captions)")
+        for what, bad in (("model.reference=precomputed", self.model.reference == "precomputed"),
+                          ("inversion (DDIM-InPO)", self.inversion is not None), ("ppd", self.ppd is not None),
+                          ("data.dual_captions", self.data.dual_captions), ("data.label_mode=soft",
+                                                                            self.data.label_mode == "soft")):
+            if bad:
+                raise ConfigError(f"online rounds sample their own pairs; {what} is for offline data")
+        if self.data.cache_dir:
+            raise ConfigError("data.cache_dir: online pairs are sampled latents (nothing to cache); remove it")
+        bind_rounds(self.train, o)
 
 
 RECIPES["diffusion"] = DiffusionConfig
@@ -574,20 +700,28 @@ class VLMDataSection(TextDataSection):
 
 
 @dataclass(kw_only=True)
-class OnlineSection:
-    """On-policy rounds: sample responses with the current policy, label them with a judge, train DPO."""
+class OnlineSection(OnlineBase):
+    """On-policy rounds for a VLM: sample responses with the current policy, label them with a judge, train DPO.
+    ``prompts``: a table with prompt + image columns; or use world_images."""
 
-    rounds: int = 2
-    prompts: Optional[str] = None
-    """a table with prompt + image columns; or use world_images"""
+    steps_per_round: int = 50
     world_images: int = 0
     """N renders of the config's ``world`` x its QA questions"""
-    samples: int = 4
-    steps_per_round: int = 50
     temperature: float = 1.0
     max_new_tokens: int = 24
-    judge: str = "world"
-    """world (the config's world's QA judge) or a REWARDS name scoring (image, response)"""
+    judge: str = "world:shapes"
+    """world:NAME (a world's QA judge on (image, question kind, response)) or reward:NAME (a REWARDS model
+    scoring (image, response))"""
+
+    def validate(self):
+        super().validate()
+        from mmalign.rewards.spec import parse_reward_spec  # rewards: loaded when a VLM config has online rounds
+
+        terms = parse_reward_spec(self.judge, "online.judge")
+        if len(terms) != 1 or terms[0].kind == "py" or terms[0].weight != 1.0:
+            raise ConfigError(f"online.judge: one world:NAME or reward:NAME, got {self.judge!r}")
+        if (self.prompts is None) == (self.world_images == 0):
+            raise ConfigError("online: set exactly one of prompts (a table with prompt + image) or world_images")
 
 
 @dataclass(kw_only=True)
@@ -617,6 +751,7 @@ class VLMConfig:
         if self.data.train is None and self.online is None:
             raise ConfigError("vlm: set data.train (offline pairs) or online (on-policy rounds)")
         check_loss_and_batching(self.loss, self.train)
+        bind_rounds(self.train, self.online)
 
 
 RECIPES["vlm"] = VLMConfig

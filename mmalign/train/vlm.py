@@ -11,20 +11,19 @@ import io
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
-from mmalign.config import to_dict
 from mmalign.data.images import open_image
 from mmalign.data.records import load_table, table_root
 from mmalign.models.lm import add_lora, enable_gradient_checkpointing, set_dropout
 from mmalign.rewards import load_reward
+from mmalign.rewards.spec import parse_reward_spec
 from mmalign.vl.data import VisionPreferenceData
 from mmalign.vl.models import generate, load_vlm, tiny_vlm
 from mmalign.worlds import get_world
 
+from .guard import Guard
 from .lm import LMRecipe
-from .loop import make_accelerator
-from .online import best_worst_pairs, run_rounds
+from .online import CompletionRounds, OnlineRounds, best_worst_pairs
 from .recipe import run_recipe
 from .sections import VLMConfig
 
@@ -59,6 +58,40 @@ class VLMRecipe(LMRecipe):
                                    d.max_eval_examples, d.image_column, d.allow_outside_root) if d.eval else None)
         return train_, ev
 
+    def online_rounds(self) -> OnlineRounds:
+        """Rounds of: ``samples`` answers per (prompt, image) from the current policy, judged by ``online.judge``
+        (``world:NAME``: the world's QA judge; ``reward:NAME``: a REWARDS model scoring (image, answer)), best vs
+        worst paired with the judge's margin (``mm_dpo``)."""
+        cfg, o, d = self.cfg, self.cfg.online, self.cfg.data
+        if o.world_images:
+            rows = get_world(cfg.world).qa_rows(o.world_images, seed=cfg.train.seed + 7)
+            prompts, contexts = [r["prompt"] for r in rows], [(r["image"], r["kind"]) for r in rows]
+        else:
+            t, root = load_table(o.prompts), table_root(o.prompts)
+            prompts = list(t["prompt"])
+            contexts = [(open_image(x, root, d.allow_outside_root, f"{o.prompts}: row {i}"), None)
+                        for i, x in enumerate(t["image"])]
+        (term,) = parse_reward_spec(o.judge, "online.judge")
+        if term.kind == "world":
+            w = get_world(term.name)
+            judge = lambda p, ctx, y: w.judge(ctx[0], ctx[1], y)  # noqa: E731
+        else:
+            rw = load_reward(term.name, device=self.acc.device)
+            judge = lambda p, ctx, y: float(rw.score([ctx[0]], [y])[0])  # noqa: E731
+
+        def sample(ps, ctxs, k, seed):
+            return [generate(self.policy, self.processor, [p] * k, [c[0]] * k, o.max_new_tokens, do_sample=True,
+                             temperature=o.temperature, generator_seed=seed + 10 * i)
+                    for i, (p, c) in enumerate(zip(ps, ctxs))]
+
+        make_data = lambda path: VisionPreferenceData(str(path), self.processor, d.max_length,  # noqa: E731
+                                                      d.max_prompt_length, image_column="image")
+        pairs = lambda p, c, ys, sc: [{**row, "context": c} for row in best_worst_pairs(p, c, ys, sc)]  # noqa: E731
+        source = CompletionRounds(self.acc, self.policy, sample, judge, prompts, contexts, o.samples, cfg.train.seed,
+                                  make_data, pairs, _image_rows)
+        return OnlineRounds(source, o.rounds, o.steps_per_round, cfg.train.batch_size * self.acc.num_processes,
+                            cfg.train.output_dir, self.acc, Guard(patience=0))
+
     def evaluate(self, step: int) -> dict:
         out = self.evaluate_pairs(self.eval_data, step)
         if self.cfg.eval_qa and self.acc.is_main_process:
@@ -76,31 +109,6 @@ class VLMRecipe(LMRecipe):
                 f"({t / 1e6:.3f}M trainable) | reference {self.reference.kind} | {rows} pairs")
 
 
-def online_setup(cfg: VLMConfig, recipe: VLMRecipe, device):
-    """Prompts, contexts (image, question kind) and the judge for on-policy rounds."""
-    o = cfg.online
-    if o.world_images:
-        rows = get_world(cfg.world).qa_rows(o.world_images, seed=cfg.train.seed + 7)
-        prompts, contexts = [r["prompt"] for r in rows], [(r["image"], r["kind"]) for r in rows]
-    else:
-        t, root = load_table(o.prompts), table_root(o.prompts)
-        prompts = list(t["prompt"])
-        contexts = [(open_image(x, root, cfg.data.allow_outside_root, f"{o.prompts}: row {i}"), None)
-                    for i, x in enumerate(t["image"])]
-    if o.judge == "world":
-        w = get_world(cfg.world)
-        judge = lambda p, ctx, y: w.judge(ctx[0], ctx[1], y)  # noqa: E731
-    else:
-        rw = load_reward(o.judge, device=device)
-        judge = lambda p, ctx, y: float(rw.score([ctx[0]], [y])[0])  # noqa: E731
-
-    def sample(ps, ctxs, k, seed):
-        return [generate(recipe.policy, recipe.processor, [p] * k, [c[0]] * k, o.max_new_tokens, do_sample=True,
-                         temperature=o.temperature, generator_seed=seed + 10 * i) for i, (p, c) in enumerate(zip(ps, ctxs))]
-
-    return prompts, contexts, judge, sample
-
-
 def _image_rows(rows: list[dict], path: Path):
     """Round rows with their image (the context) stored as PNG bytes, in the vision-pairs schema."""
     import datasets
@@ -114,15 +122,5 @@ def _image_rows(rows: list[dict], path: Path):
 
 
 def run(cfg: VLMConfig, accelerator=None):
-    if cfg.online is None:
-        return run_recipe(VLMRecipe, cfg, accelerator)
-    acc = accelerator or make_accelerator(cfg.train)
-    set_seed(cfg.train.seed)
-    recipe = VLMRecipe(cfg, acc)
-    prompts, contexts, judge, sample = online_setup(cfg, recipe, acc.device)
-    d = cfg.data
-    return run_rounds(recipe, cfg, cfg.online, acc, sample, judge, prompts, contexts,
-                      make_data=lambda path: VisionPreferenceData(str(path), recipe.processor, d.max_length,
-                                                                  d.max_prompt_length, image_column="image"),
-                      rows_fn=lambda p, c, ys, sc: [{**row, "context": c} for row in best_worst_pairs(p, c, ys, sc)],
-                      write_rows=_image_rows, config=to_dict(cfg))
+    """Train (offline pairs, or online rounds judged by ``online.judge``) and export ``final``."""
+    return run_recipe(VLMRecipe, cfg, accelerator)
