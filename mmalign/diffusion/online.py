@@ -147,12 +147,22 @@ class DiffusionRounds:
 
     # ------------------------------------------------------------------ rounds
 
+    def round_prompts(self, r: int) -> list[int]:
+        """Indices of the prompts sampled in round ``r``: all, or ``prompts_per_round`` of them drawn by (seed, round)."""
+        n, m = len(self.prompts), self.o.prompts_per_round
+        if m is None or m >= n:
+            return list(range(n))
+        g = torch.Generator().manual_seed(rollout_seed(self.cfg.train.seed, r, 0, 0) + 17)
+        return sorted(torch.randperm(n, generator=g)[:m].tolist())
+
     def make_round(self, r: int, step: int, path: Path) -> None:
         o, acc = self.o, self.acc
         t0 = time.time()
         pipe = self._pipe()
+        idx = self.round_prompts(r)
         parts = []
-        for c, chunk in list(enumerate(self._chunks(len(self.prompts))))[acc.process_index::acc.num_processes]:
+        for c, lo in list(enumerate(range(0, len(idx), o.prompts_per_batch)))[acc.process_index::acc.num_processes]:
+            chunk = idx[lo: lo + o.prompts_per_batch]
             ps = [self.prompts[i] for i in chunk for _ in range(o.samples)]
             seeds = [rollout_seed(self.cfg.train.seed, r, i, k) for i in chunk for k in range(o.samples)]
             lat = self.sample(ps, seeds, pipe)
@@ -167,16 +177,16 @@ class DiffusionRounds:
         latents = torch.cat([p["latents"] for p in parts])
         scores = {k: np.concatenate([p["scores"][k] for p in parts]) for k in self.reward.labels}
         k = o.samples
-        groups = [list(range(i * k, (i + 1) * k)) for i in range(len(self.prompts))]
+        groups = [list(range(i * k, (i + 1) * k)) for i in range(len(idx))]
         combined = self.reward.combine(scores, groups if o.normalize == "group" else None)
         pairs = [(g[w], g[lo], m) for g in groups for w, lo, m in group_pairs(combined[g], o.pairs, o.min_margin)]
         raw = self.reward.combine(scores)
-        stats = {"step": step, "round": r, "samples": len(latents), "rows": len(pairs), "prompts": len(self.prompts),
+        stats = {"step": step, "round": r, "samples": len(latents), "rows": len(pairs), "prompts": len(idx),
                  "mean_reward": float(raw.mean()), **{f"mean/{lab}": float(v.mean()) for lab, v in scores.items()},
                  "mean_margin": float(np.mean([m for *_, m in pairs])) if pairs else float("nan"),
                  "sample_seconds": round(time.time() - t0, 2)}
-        rows = {"prompts": [p for p in self.prompts for _ in range(k)], "scores": {a: v.tolist() for a, v in
-                                                                                  scores.items()},
+        rows = {"prompts": [self.prompts[i] for i in idx for _ in range(k)], "scores": {a: v.tolist() for a, v in
+                                                                                       scores.items()},
                 "combined": combined.tolist(), "pairs": [[int(w), int(lo), float(m)] for w, lo, m in pairs]}
 
         with atomic_folder(path) as tmp:  # a kill while writing leaves no round that looks finished

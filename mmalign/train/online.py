@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -119,6 +120,7 @@ class OnlineRounds:
 
     def evaluate(self, step: int) -> dict:
         """Trained reward and panel after the round that ends at ``step`` (the base model at 0); guard; log."""
+        t0 = time.perf_counter()
         res = self.source.evaluate(step) if self.acc.is_main_process else {}
         out = dict(res.get("metrics", {}))
         r = step // self.spr - 1
@@ -132,6 +134,7 @@ class OnlineRounds:
             if self.guard.best_is_latest and self.keep_best is not None:
                 self.keep_best[0](self.dir / "best.safetensors")
             out["guard_streak"] = float(state["streak"])
+        rec["eval_seconds"] = round(time.perf_counter() - t0, 2)
         if self.log is not None:
             self.log.write(rec)
         return out

@@ -498,6 +498,9 @@ class DiffusionOnlineSection(OnlineBase):
     flow-matching Euler sampler"""
     prompts_per_batch: int = 4
     """prompts per sampling call (x samples images, x2 with guidance); a round's calls are shared across processes"""
+    prompts_per_round: Optional[int] = None
+    """sample this many of the prompts each round, a different subset per round keyed by (seed, round) (flow_grpo
+    draws m prompts per epoch); default all of them every round"""
     panel: str = ""
     """held-out rewards, not trained on, scored every round (same syntax as reward)"""
     eval_prompts: Optional[str] = None
@@ -519,7 +522,8 @@ class DiffusionOnlineSection(OnlineBase):
             if both:
                 raise ConfigError(f"online.panel repeats the trained reward ({', '.join(both)}): the panel must be "
                                   "rewards the run is not trained on, or it cannot show hacking")
-        for k in ("sample_steps", "prompts_per_batch", "eval_seeds"):
+        for k in ("sample_steps", "prompts_per_batch", "eval_seeds") + (("prompts_per_round",)
+                                                                         if self.prompts_per_round is not None else ()):
             if getattr(self, k) < 1:
                 raise ConfigError(f"online.{k} must be >= 1, got {getattr(self, k)}")
         if self.min_margin < 0 or self.guard < 0:
