@@ -16,8 +16,17 @@ Method (an estimate, never a measurement):
   it is recomputed. Plus 10% for the allocator and workspaces. The reference forward runs under no_grad and
   adds only transient activations.
 
+Online methods (``--methods grpo nft awm online_dpo``): the VAE and the text encoders stay on the GPU (rollouts
+encode prompts and decode images) and so does the trained reward model (``--reward-params``, PickScore's CLIP
+ViT-H/14: 0.99B, bf16). What one trained unit costs, with F = the denoiser's forward FLOPs for one image:
+  dpo / online_dpo  a pair, 2 images with gradient:             policy fwd + bwd + reference fwd  = 3 x 2F
+  grpo              a trained SDE step, [uncond; cond] (CFG):    the same                          = 3 x 2F
+  nft / awm         a final latent at one t, 1 image (no CFG):   policy fwd + bwd + old + ref fwd  = 4 x F
+plus the rollout: T sampler steps x 2F per image with CFG (x F without). Rollout activations are transient
+(no_grad) and not counted.
+
     python scripts/plan_memory.py [--models sd15 sdxl sd35 flux --resolutions 512 1024 --rank 8]
-    python scripts/plan_memory.py --config configs/sdxl/diffusion_dpo_lora.yaml
+    python scripts/plan_memory.py --models sd35 flux --methods grpo nft --rank 32
 """
 from __future__ import annotations
 
@@ -178,10 +187,17 @@ def profile(name: str, resolution: int, rank: int) -> dict:
             "activations_gb": saved[0] / GB, "activations_ckpt_gb": ckpt_saved / GB}
 
 
-def estimate(p: dict, cache: bool, ckpt: bool) -> float:
-    frozen = 2 * (p["denoiser_params"] + (0 if cache else p["vae_params"] + p["text_params"]))
+# images with gradient per trained unit, and the unit's FLOPs in forwards of one image (see the module docstring)
+METHODS = {"dpo": (2, 6), "online_dpo": (2, 6), "grpo": (2, 6), "nft": (1, 4), "awm": (1, 4)}
+
+
+def estimate(p: dict, cache: bool, ckpt: bool, method: str = "dpo", reward_params: float = 0.0) -> float:
+    images, _ = METHODS[method]
+    online = method != "dpo"
+    frozen = 2 * (p["denoiser_params"] + (0 if cache and not online else p["vae_params"] + p["text_params"])
+                  + (reward_params if online else 0))
     trainable = 16 * p["lora_params"]  # fp32 weights + grads + two AdamW states
-    acts = (p["activations_ckpt_gb"] if ckpt else p["activations_gb"]) * GB
+    acts = (p["activations_ckpt_gb"] if ckpt else p["activations_gb"]) * GB * images / 2  # profiled for 2 images
     return 1.1 * (frozen + trainable + acts) / GB
 
 
@@ -192,6 +208,10 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--no-cache", action="store_true", help="VAE and text encoders stay on the GPU (no latent cache)")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--methods", nargs="+", default=["dpo"], choices=sorted(METHODS))
+    ap.add_argument("--reward-params", type=float, default=0.99e9, help="online methods: the trained reward model's "
+                                                                         "parameters (PickScore: 0.99B)")
+    ap.add_argument("--sample-steps", type=int, default=10, help="online methods: sampler steps per rollout image")
     args = ap.parse_args()
     from mmalign.utils import print_table
 
@@ -199,14 +219,25 @@ def main():
     for m in args.models:
         for r in args.resolutions:
             p = profile(m, r, args.rank)
-            a, b = estimate(p, not args.no_cache, False), estimate(p, not args.no_cache, True)
-            out.append({**p, "peak_gb": a, "peak_ckpt_gb": b})
-            rows.append([m, r, f"{p['denoiser_params'] / 1e9:.2f}B", f"{p['lora_params'] / 1e6:.1f}M",
-                         f"{(p['vae_params'] + p['text_params']) / 1e9:.2f}B", f"{p['step_tflops_pair']:.1f}",
-                         f"{a:.1f}", f"{b:.1f}"])
-    print(f"ESTIMATES (no GPU used): Diffusion-DPO LoRA r={args.rank}, one pair per GPU, bf16 frozen weights, "
-          f"{'VAE + text encoders on the GPU' if args.no_cache else 'latent + text cache (VAE, text encoders off the GPU)'}")
-    print_table(["model", "px", "denoiser", "LoRA", "VAE+text", "TFLOP/step", "peak GB", "peak GB (grad ckpt)"], rows)
+            f_img = p["fwd_tflops_pair"] / 2
+            for method in args.methods:
+                a = estimate(p, not args.no_cache, False, method, args.reward_params)
+                b = estimate(p, not args.no_cache, True, method, args.reward_params)
+                unit = METHODS[method][1] * f_img
+                cfg_mult = 1 if method in ("nft", "awm") else 2
+                roll = args.sample_steps * cfg_mult * f_img if method != "dpo" else 0.0
+                out.append({**p, "method": method, "peak_gb": a, "peak_ckpt_gb": b, "unit_tflops": unit,
+                            "rollout_tflops_per_image": roll})
+                rows.append([m, r, method, f"{p['denoiser_params'] / 1e9:.2f}B", f"{p['lora_params'] / 1e6:.1f}M",
+                             f"{(p['vae_params'] + p['text_params']) / 1e9:.2f}B", f"{unit:.1f}",
+                             f"{roll:.1f}" if roll else "-", f"{a:.1f}", f"{b:.1f}"])
+    print(f"ESTIMATES (no GPU used): LoRA r={args.rank}, one trained unit per GPU (a pair for DPO, a guided step for "
+          f"GRPO, an image for NFT / AWM), bf16 frozen weights; offline DPO "
+          f"{'with VAE + text encoders on the GPU' if args.no_cache else 'on the latent + text cache'}, online methods "
+          f"with VAE, text encoders and a {args.reward_params / 1e9:.2f}B reward on the GPU; rollouts of "
+          f"{args.sample_steps} steps")
+    print_table(["model", "px", "method", "denoiser", "LoRA", "VAE+text", "TFLOP/unit", "rollout TFLOP/img",
+                 "peak GB", "peak GB (grad ckpt)"], rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

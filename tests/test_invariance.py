@@ -75,6 +75,13 @@ def micro_loss(fn, theta: torch.Tensor, rs: list[dict], running, step_kl):
         return fn(st("xl") @ theta, st("rl"), st("xr") @ theta, st("rr"), sample_mask=st("lmask"), **hp)[0]
     if kind == "policy_gradient":
         return fn(st("xl") @ theta, st("adv"), mask=st("lmask"), **hp)[0]
+    if kind in ("policy_ratio", "flow_ratio"):  # GRPO / AWM: per-sample log-probs against the rollout's, group advantages
+        lp = st("xc") @ theta
+        return fn(lp, st("rc"), st("rm"), kl=(st("xr") @ theta) ** 2, **hp)[0]
+    if kind == "flow_mix":  # DiffusionNFT: per-sample predictions [B, T] with a linear x0 map
+        x_t = st("rt_c")
+        return fn(st("xt_c") @ theta, st("xt_r") @ theta.detach(), st("rt_r"), lambda v: x_t - 0.3 * v, st("rm"),
+                  ref_pred=st("rt_r") * 0.5, **hp)[0]
     raise AssertionError(f"no invariance harness for loss kind {kind!r} ({fn.registry_name}): add one")
 
 

@@ -276,12 +276,12 @@ def test_real_online_configs_cite_their_sources_and_bind():
 
 def test_online_vs_offline_script_prints_a_json_line_per_method(tmp_path):
     r = subprocess.run([sys.executable, "scripts/online_vs_offline_diffusion.py", "--models", "sd", "--seeds", "0",
-                        "--rounds", "2", "--samples", "2", "--steps", "2", "--eval-seeds", "2", "--out", str(tmp_path)],
+                        "--rounds", "2", "--samples", "4", "--steps", "2", "--eval-seeds", "2", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-    assert [x["method"] for x in rows] == ["offline", "online"]
+    assert [x["method"] for x in rows] == ["offline", "online_dpo"]
     for x in rows:  # equal budget: images sampled and steps
-        assert x["images_sampled"] == 2 * 2 * 14 and x["steps"] == 4
+        assert x["images_sampled"] == 2 * 4 * 14 and x["steps"] == 4
         assert {"oracle_all", "oracle_held_out", "oracle_train", "reward_all", "train_seconds"} <= set(x)
-    assert (tmp_path / "online_vs_offline.png").exists()
+    assert (tmp_path / "oracle_vs_step.png").exists() and (tmp_path / "oracle_vs_images.png").exists()

@@ -117,6 +117,11 @@ class Family:
         """Per-sample conditioning that is not text (SDXL time ids)."""
         return cond
 
+    def encode_guided(self, pipe, prompts: list[str], device, guided: bool, resolution: int) -> tuple[Cond, Cond | None]:
+        """(cond, uncond) as the family's pipeline samples: its ``encode_prompt`` with classifier-free guidance (the
+        pipeline's own negative embeddings), SDXL time ids for an uncropped square image."""
+        raise NotImplementedError
+
     # -- noise and scores
     def draw(self, shape: tuple, generators: list[torch.Generator], device, shared: bool = True):
         raise NotImplementedError
@@ -125,6 +130,10 @@ class Family:
         raise NotImplementedError
 
     def predict(self, model, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        raise NotImplementedError
+
+    def x0_from(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+        """The clean sample a prediction implies at (x_t, t) -- linear in the prediction (DiffusionNFT's x0_hat)."""
         raise NotImplementedError
 
     def pair_mse(self, model, x0: Tensor, noise: Tensor, t: Tensor, cond: Cond,
@@ -160,6 +169,16 @@ class UNetFamily(Family):
         e, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         return Cond(e)
 
+    def encode_guided(self, pipe, prompts: list[str], device, guided: bool, resolution: int):
+        if self.kind == "sdxl":
+            e, ne, p, np_ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                               do_classifier_free_guidance=guided)
+            n = len(prompts)
+            ids = sdxl_time_ids(torch.full((n, 2), float(resolution)), torch.zeros(n, 2), resolution).to(device, e.dtype)
+            return Cond(e, p, ids), (Cond(ne, np_, ids) if guided else None)
+        e, ne = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided)
+        return Cond(e), (Cond(ne) if guided else None)
+
     def finish_cond(self, cond: Cond, original_size=None, crop_top_left=None, resolution=None) -> Cond:
         if self.kind != "sdxl":
             return cond
@@ -186,6 +205,12 @@ class UNetFamily(Family):
 
     def predict(self, model, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return model(x_t, t, **cond.unet_kwargs()).sample
+
+    def x0_from(self, x_t: Tensor, pred: Tensor, t: Tensor) -> Tensor:
+        a = self.scheduler.alphas_cumprod.to(x_t.device)[t.long()].float().view(-1, *[1] * (x_t.dim() - 1))
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return a.sqrt() * x_t - (1 - a).sqrt() * pred
+        return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
 
 
 class FlowFamily(Family):
@@ -223,6 +248,17 @@ class FlowFamily(Family):
                                        max_sequence_length=n)
         return Cond(e, p, txt_ids=ids)
 
+    def encode_guided(self, pipe, prompts: list[str], device, guided: bool, resolution: int):
+        n = self._t5_length()
+        if self.kind == "sd3":
+            e, ne, p, np_ = pipe.encode_prompt(prompts, prompt_2=None, prompt_3=None, device=device,
+                                               num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                                               max_sequence_length=n)
+            return Cond(e, p), (Cond(ne, np_) if guided else None)
+        e, p, ids = pipe.encode_prompt(prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                                       max_sequence_length=n)
+        return Cond(e, p, txt_ids=ids), None  # FLUX.1: guidance-distilled, no negative branch
+
     def sample_u(self, g: torch.Generator, k: int) -> Tensor:
         """u in [0, 1): uniform, logit-normal (sigmoid of N(mean, std)) or the SD3 paper's mode sampling."""
         if self.sampling == "logit_normal":
@@ -245,6 +281,9 @@ class FlowFamily(Family):
     def noisy_and_target(self, x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         s = sigma.view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
         return (1.0 - s) * x0 + s * noise, noise - x0
+
+    def x0_from(self, x_t: Tensor, pred: Tensor, sigma: Tensor) -> Tensor:
+        return x_t - sigma.view(-1, *[1] * (x_t.dim() - 1)).to(x_t.dtype) * pred
 
     def predict(self, model, x_t: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         if self.kind == "sd3":

@@ -5,10 +5,11 @@
 
 See ``LOSSES`` for the calling convention of each ``kind``.
 """
-from . import group, listwise, pairwise, tokenwise, unpaired  # noqa: F401  (registers the losses)
+from . import group, listwise, pairwise, rl, tokenwise, unpaired  # noqa: F401  (registers the losses)
 from ._common import DIVERGENCES, LOSSES, f_score
 from .pairwise import RunningMoments, mm_dpo_beta
 from .reduce import MetricSums, backward_loss
+from .rl import group_advantages, nft_r
 from .tokenwise import activation_mask, ld_sequence_scores, token_kl
 from .unpaired import kto_kl
 
@@ -29,4 +30,5 @@ def loss_table() -> list[tuple[str, str, str]]:
 
 
 __all__ = ["LOSSES", "DIVERGENCES", "f_score", "get_loss", "loss_table", "RunningMoments", "mm_dpo_beta",
-           "MetricSums", "backward_loss", "activation_mask", "ld_sequence_scores", "token_kl", "kto_kl"]
+           "MetricSums", "backward_loss", "activation_mask", "ld_sequence_scores", "token_kl", "kto_kl",
+           "group_advantages", "nft_r"]

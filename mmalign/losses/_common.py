@@ -104,6 +104,9 @@ LOSSES: Registry = Registry("loss")
 kind       "pairwise" (pc, pr, rc, rr) | "unpaired" (policy, ref, labels) | "listwise" (policy[B,K], ref, labels)
            | "token" (per-token log-probs + completion masks) | "negatives" (D2O) | "policy_gradient"
            | "group" (policy[B,K] of on-policy samples, ref[B,K] | None, rewards[B,K])
+           | "policy_ratio" (logp[B] or [B,W] of sampler steps, old_logp, advantages[B]: GRPO)
+           | "flow_ratio" (logp[B] = -flow-matching loss, old_logp, advantages[B]: AWM)
+           | "flow_mix" (pred, old_pred, x0, x0_of, advantages: DiffusionNFT)
 uses       extra inputs the modality adapter supplies (keys of ``INPUTS``), e.g. ("lengths",) or ("kl",)
 supplied   the keyword arguments those inputs fill: never user hyper-parameters (the config layer reads this)
 needs_reference  False for reference-free objectives (SimPO, PRO): adapters skip the reference forward

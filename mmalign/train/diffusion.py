@@ -9,6 +9,7 @@ posterior sample) -- all shared by winner and loser -- and the loss core gets ``
 """
 from __future__ import annotations
 
+import importlib.util  # importlib.import_module too
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from mmalign.diffusion.families import BETA_SCALE, family_for
 from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.online import DiffusionRounds
+from mmalign.diffusion.rl import RL_KINDS
 from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.diffusion.validation import Validator, reward_scorer, sample_images
@@ -58,8 +60,6 @@ def build_components(cfg: DiffusionConfig, dtype: torch.dtype, frozen: bool = Tr
 def set_attention(model, backend: str, unet: bool):
     """``sdpa`` (PyTorch scaled-dot-product attention; the flow transformers' default already) or ``xformers``."""
     if backend == "xformers":
-        import importlib.util
-
         if importlib.util.find_spec("xformers") is None:
             raise ImportError("model.attention=xformers needs xformers (pip install 'mmalign[gpu]', CUDA only); "
                               "the default model.attention=sdpa needs nothing")
@@ -72,6 +72,8 @@ def set_attention(model, backend: str, unet: bool):
 
 class DiffusionRecipe(RecipeBase):
     eval_mode = False  # see RecipeBase.eval_mode
+    rounds_cls = DiffusionRounds
+    """the round source of online runs (pairs for DPO; ``diffusion_rl`` sets the group-RL one)"""
 
     def __init__(self, cfg: DiffusionConfig, accelerator, components: Components | None = None, scorer=None):
         self.cfg, self.acc = cfg, accelerator
@@ -146,7 +148,7 @@ class DiffusionRecipe(RecipeBase):
                                    scorer or reward_scorer(cfg.validation, accelerator.device))
         if cfg.online is not None:
             o = cfg.online
-            self.online = OnlineRounds(DiffusionRounds(self, cfg), o.rounds, o.steps_per_round,
+            self.online = OnlineRounds(self.rounds_cls(self, cfg), o.rounds, o.steps_per_round,
                                        cfg.train.batch_size * accelerator.num_processes, cfg.train.output_dir,
                                        accelerator, Guard(patience=o.guard), weight_keeper(self))
         if self.ref_kind == "precomputed":  # kept in data.cache_dir: later runs on the same data reuse it
@@ -275,6 +277,19 @@ class DiffusionRecipe(RecipeBase):
             exporter.export(out_dir, self.cfg, self.comp, self.family, self.unet, self.ema, self.user_emb, card)
 
 
+# group RL (grpo, nft, awm) subclasses this recipe, so it is found by name -- as the CLI finds its commands and a
+# config its runner -- not imported (that would be an import circle)
+RL_RECIPE = "mmalign.train.diffusion_rl:DiffusionRLRecipe"
+
+
+def recipe_class(cfg: DiffusionConfig) -> type:
+    """``DiffusionRecipe`` for pairwise losses (offline or online pairs), ``DiffusionRLRecipe`` for group RL."""
+    if cfg.loss.fn.kind not in RL_KINDS:
+        return DiffusionRecipe
+    module, name = RL_RECIPE.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def run(cfg: DiffusionConfig, accelerator=None, components: Components | None = None, scorer=None):
     """Train, export ``final`` (+ summary.json); ``scorer(images, prompts)`` replaces validation.reward."""
-    return run_recipe(DiffusionRecipe, cfg, accelerator, summary=True, components=components, scorer=scorer)
+    return run_recipe(recipe_class(cfg), cfg, accelerator, summary=True, components=components, scorer=scorer)

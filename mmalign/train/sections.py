@@ -510,6 +510,26 @@ class DiffusionOnlineSection(OnlineBase):
     guard: int = 0
     """stop after this many rounds in a row in which the trained reward rose while a panel entry fell below the
     interval of its best round, and keep the best round's weights (0 = report only)"""
+    # ---- group RL (loss grpo / nft / awm): mmalign.diffusion.rl
+    global_std: bool = True
+    """advantages (r - group mean) / (std + 1e-4) with the std of all the round's rewards (flow_grpo's SD3 configs,
+    DiffusionNFT) or, false, of the prompt's group"""
+    noise_level: float = 0.7
+    """GRPO on flow models: a in the SDE step's sigma_t = a sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)"""
+    eta: float = 1.0
+    """GRPO on UNets: DDIM's eta on the stochastic steps (DDPO: 1.0)"""
+    sde_window: int = 0
+    """GRPO: 0 = every step but the last is stochastic and trained (Flow-GRPO); w > 0 = w consecutive steps per
+    sampling call, started at a keyed draw within sde_range (Flow-GRPO-Fast: 2; the other steps are ODE steps)"""
+    sde_range: Optional[list[int]] = None
+    """GRPO with sde_window: [first, last) steps the window may cover (default: all but the last)"""
+    old_decay_rate: float = 0.001
+    old_decay_max: float = 0.5
+    """NFT's old policy (its sampler and v_old) and AWM's anchor: after each round old <- lam old + (1 - lam) theta,
+    lam = min(old_decay_rate x step, old_decay_max) (DiffusionNFT's defaults; AWM's anchor is capped at 0.3)"""
+    awm_weighting: Literal["ghuber", "uniform"] = "ghuber"
+    """AWM's log-likelihood: ghuber (the authors' configs) or the plain negative flow-matching loss"""
+    ghuber_power: float = 0.25
 
     def validate(self):
         super().validate()
@@ -528,6 +548,8 @@ class DiffusionOnlineSection(OnlineBase):
                 raise ConfigError(f"online.{k} must be >= 1, got {getattr(self, k)}")
         if self.min_margin < 0 or self.guard < 0:
             raise ConfigError("online.min_margin and online.guard must be >= 0")
+        if self.noise_level <= 0 or self.eta <= 0 or self.sde_window < 0:
+            raise ConfigError("online.noise_level and online.eta must be > 0, online.sde_window >= 0")
 
 
 @dataclass(kw_only=True)
@@ -558,8 +580,14 @@ class DiffusionConfig:
     runner = "mmalign.train.diffusion:run"
 
     def validate(self):
-        if self.loss.fn.kind != "pairwise":
-            raise ConfigError(f"loss {self.loss.name!r} is {self.loss.fn.kind}; diffusion recipes take pairwise losses")
+        kind = self.loss.fn.kind
+        if kind in ("policy_ratio", "flow_ratio", "flow_mix"):
+            if self.online is None:
+                raise ConfigError(f"loss {self.loss.name!r} learns from groups of samples of the current model: set "
+                                  "online (prompts, samples, reward)")
+        elif kind != "pairwise":
+            raise ConfigError(f"loss {self.loss.name!r} is {kind}; diffusion recipes take pairwise losses (offline or "
+                              "online) or the group objectives grpo, nft, awm (online)")
         check_loss_and_batching(self.loss, self.train)
         if self.inversion is not None and self.model.reference == "precomputed":
             raise ConfigError("inversion (DDIM-InPO) inverts with the current policy, so its reference scores "
