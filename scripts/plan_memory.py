@@ -119,7 +119,8 @@ def profile(name: str, resolution: int, rank: int) -> dict:
     lat = resolution // 8
     attn_flops = [0]
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    def sdpa(*args, **kw):  # diffusers' attention dispatch passes query= / key= / value= by keyword
+        q, k, v = (list(args) + [kw.pop(n) for n in ("query", "key", "value")[len(args):]])[:3]
         b, h, lq, d = q.shape
         attn_flops[0] += 4 * b * h * lq * k.shape[-2] * d
         return _Flash.apply(q, k, v)
@@ -189,10 +190,19 @@ def profile(name: str, resolution: int, rank: int) -> dict:
 
 # images with gradient per trained unit, and the unit's FLOPs in forwards of one image (see the module docstring)
 METHODS = {"dpo": (2, 6), "online_dpo": (2, 6), "grpo": (2, 6), "nft": (1, 4), "awm": (1, 4)}
+UNGUIDED = ("flux",)  # FLUX.1-dev is guidance-distilled: no [uncond; cond] pair in its rollouts or GRPO's steps
+
+
+def unit(method: str, model: str) -> tuple[int, int]:
+    """(images with gradient, forwards of one image) of one trained unit of ``method`` on ``model``."""
+    images, forwards = METHODS[method]
+    if method == "grpo" and model in UNGUIDED:
+        return 1, 3
+    return images, forwards
 
 
 def estimate(p: dict, cache: bool, ckpt: bool, method: str = "dpo", reward_params: float = 0.0) -> float:
-    images, _ = METHODS[method]
+    images, _ = unit(method, p["model"])
     online = method != "dpo"
     frozen = 2 * (p["denoiser_params"] + (0 if cache and not online else p["vae_params"] + p["text_params"])
                   + (reward_params if online else 0))
@@ -223,13 +233,13 @@ def main():
             for method in args.methods:
                 a = estimate(p, not args.no_cache, False, method, args.reward_params)
                 b = estimate(p, not args.no_cache, True, method, args.reward_params)
-                unit = METHODS[method][1] * f_img
-                cfg_mult = 1 if method in ("nft", "awm") else 2
+                cost = unit(method, m)[1] * f_img
+                cfg_mult = 1 if method in ("nft", "awm") or m in UNGUIDED else 2
                 roll = args.sample_steps * cfg_mult * f_img if method != "dpo" else 0.0
-                out.append({**p, "method": method, "peak_gb": a, "peak_ckpt_gb": b, "unit_tflops": unit,
+                out.append({**p, "method": method, "peak_gb": a, "peak_ckpt_gb": b, "unit_tflops": cost,
                             "rollout_tflops_per_image": roll})
                 rows.append([m, r, method, f"{p['denoiser_params'] / 1e9:.2f}B", f"{p['lora_params'] / 1e6:.1f}M",
-                             f"{(p['vae_params'] + p['text_params']) / 1e9:.2f}B", f"{unit:.1f}",
+                             f"{(p['vae_params'] + p['text_params']) / 1e9:.2f}B", f"{cost:.1f}",
                              f"{roll:.1f}" if roll else "-", f"{a:.1f}", f"{b:.1f}"])
     print(f"ESTIMATES (no GPU used): LoRA r={args.rank}, one trained unit per GPU (a pair for DPO, a guided step for "
           f"GRPO, an image for NFT / AWM), bf16 frozen weights; offline DPO "

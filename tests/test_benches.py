@@ -37,3 +37,22 @@ def test_lm_bench_compares_with_trl_at_the_same_checkpointing():
                    "--steps", "3", "--gc", "on")
     assert out["speed_ratio_vs_trl_gc_on"] > 0 and "memory_ratio_vs_trl_gc_on" in out
     assert "speed_ratio_vs_trl_gc_off" not in out
+
+
+def test_plan_memory_runs_for_every_model_and_method():
+    """Every model the GPU plan lists profiles (FLUX's attention dispatch passes query= / key= / value= by keyword,
+    which once crashed the SDPA-counting hook), for offline DPO and the online methods."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([sys.executable, "scripts/plan_memory.py", "--resolutions", "512", "--methods", "dpo", "grpo",
+                            "nft", "--json", f"{d}/p.json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = json.loads(open(f"{d}/p.json").read())
+    models = ("sd15", "sdxl", "sd35", "flux")  # what the script lists
+    assert {(x["model"], x["method"]) for x in rows} == {(m, k) for m in models for k in ("dpo", "grpo", "nft")}
+    by = {(x["model"], x["method"]): x for x in rows}
+    for m in models:  # online methods hold the VAE, text encoders and reward on the GPU: more than cached DPO
+        assert by[(m, "grpo")]["peak_ckpt_gb"] > by[(m, "dpo")]["peak_ckpt_gb"] > 0
+        if m != "flux":  # a guided GRPO step is 2 images (6F), an NFT image 4F; FLUX.1-dev has no guidance pair (3F)
+            assert by[(m, "nft")]["unit_tflops"] < by[(m, "grpo")]["unit_tflops"]

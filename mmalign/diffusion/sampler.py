@@ -159,14 +159,14 @@ class StepSampler:
         zeros for an empty negative prompt); Flux has no negative branch (guidance-distilled)."""
         return self.family.encode_guided(pipe, prompts, device, self.guidance > 1, self.res)
 
-    def predict(self, model, x: Tensor, i, cond: Cond, uncond: Cond | None) -> Tensor:
+    def predict(self, model, x: Tensor, i, cond: Cond, uncond: Cond | None, both: Cond | None = None) -> Tensor:
         """The guided prediction at step ``i`` (an index, or one per row [N]) for latents ``x`` [N, C, h, w] (one
-        forward of [uncond; cond])."""
+        forward of [uncond; cond]; ``both``: that concatenation, built once per sampling call)."""
         t = (self.t(i) if isinstance(i, int) else self.times()[i]).to(x.device).expand(len(x))
         if uncond is None:
             return self.family.predict(model, x, t.to(x.dtype) if self.family.flow else t, cond).float()
         out = self.family.predict(model, torch.cat([x, x]), torch.cat([t, t]).to(x.dtype) if self.family.flow
-                                  else torch.cat([t, t]), uncond.cat(cond)).float()
+                                  else torch.cat([t, t]), both if both is not None else uncond.cat(cond)).float()
         u, c = out.chunk(2)
         return u + self.guidance * (c - u)
 
@@ -192,9 +192,10 @@ class StepSampler:
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         x = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(device)  # the pipelines' draw
         cond, uncond = self.condition(pipe, prompts, device)
+        both = uncond.cat(cond) if uncond is not None else None
         xs, xn, lps = [], [], []
         for i in range(self.n):
-            pred = self.predict(model, x, i, cond, uncond)
+            pred = self.predict(model, x, i, cond, uncond, both)
             if i in window:
                 noise = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(device)
                 nxt, lp, _, _ = self.step(x, pred, i, True, noise)
