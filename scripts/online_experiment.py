@@ -25,8 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"sd": ROOT / "assets/models/shapes-sd", "sd3": ROOT / "assets/models/shapes-sd3"}
 SPLITS = {"all": "", "held_out": "/held_out", "train": "/train_prompts"}
 PAIRS = ("offline", "online_dpo")
-LOSS = {"offline": {"name": "dpo"}, "online_dpo": {"name": "dpo"}, "grpo": {"name": "grpo"}, "nft": {"name": "nft"},
-        "awm": {"name": "awm"}}
+# each method's loss at its authors' settings: GRPO clip 1e-4, KL 0.04 (flow_grpo SD3.5); NFT beta 1, KL 1e-4
+# (DiffusionNFT); AWM KL 1e-3 to the base and 1.0 to its slow anchor (AWM's GenEval config: without the anchor it
+# collapsed here too, toy_clip -0.13 in 28 steps)
+LOSS = {"offline": {"name": "dpo"}, "online_dpo": {"name": "dpo"}, "grpo": {"name": "grpo"},
+        "nft": {"name": "nft", "beta": 1.0, "kl_beta": 1e-4}, "awm": {"name": "awm", "kl_beta": 1e-3, "anchor_beta": 1.0}}
 
 
 def train_prompts(out: Path) -> Path:
