@@ -32,15 +32,12 @@ LOSS = {"offline": {"name": "dpo"}, "online_dpo": {"name": "dpo"}, "grpo": {"nam
         "nft": {"name": "nft", "beta": 1.0, "kl_beta": 1e-4}, "awm": {"name": "awm", "kl_beta": 1e-3, "anchor_beta": 1.0}}
 
 
-def train_prompts(out: Path) -> Path:
-    """The 14 training prompts (the demo's 4 held-out prompts left out) as a prompt file."""
-    from mmalign.demo.settings import HELD_OUT
-    from mmalign.toyworld.world import all_prompts
+TRAIN_PROMPTS = ROOT / "assets/prompts/shapes_train.txt"  # the 14 shapes prompts not held out by the demo
 
-    path = out / "train_prompts.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(x for x in all_prompts() if x not in HELD_OUT) + "\n")
-    return path
+
+def train_prompts(out: Path | None = None) -> Path:
+    """The training prompts (the shipped file; tests/test_online.py checks it against the demo's held-out list)."""
+    return TRAIN_PROMPTS
 
 
 def config(model: str, method: str, out: Path, prompts: Path, seed: int, a) -> dict:

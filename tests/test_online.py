@@ -69,17 +69,7 @@ def test_interrupted_mid_round_and_resumed_equals_uninterrupted(tmp_path, monkey
     from mmalign.train.diffusion import DiffusionRecipe
 
     full = run(cfg_(SD, tmp_path / "full"))
-    real = DiffusionRecipe.on_step_end
-
-    def kill_at_4(self, step, applied=True):
-        real(self, step, applied)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(DiffusionRecipe, "on_step_end", kill_at_4)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg_(SD, tmp_path / "cut"))
-    monkeypatch.setattr(DiffusionRecipe, "on_step_end", real)
+    run_interrupted(DiffusionRecipe, 4, cfg_(SD, tmp_path / "cut"), monkeypatch)
     round1 = tmp_path / "cut" / "online" / "round-00001" / "latents.safetensors"
     mtime = round1.stat().st_mtime_ns
     resumed = run(cfg_(SD, tmp_path / "cut", "train.resume=latest"))
@@ -93,6 +83,21 @@ def test_interrupted_mid_round_and_resumed_equals_uninterrupted(tmp_path, monkey
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("sampled", "eval_seconds")}  # noqa: E731
                         for r in rs]  # (their timings differ)
     assert strip(records(tmp_path / "full")) == strip(records(tmp_path / "cut"))
+
+
+def run_interrupted(recipe_cls, at_step: int, cfg, monkeypatch):
+    """Run ``cfg`` and press Ctrl-C right after optimiser step ``at_step`` (the loop saves a checkpoint and stops)."""
+    real = recipe_cls.on_step_end
+
+    def kill(self, step, applied=True):
+        real(self, step, applied)
+        if step == at_step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe_cls, "on_step_end", kill)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(recipe_cls, "on_step_end", real)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo check")
@@ -157,6 +162,7 @@ def test_group_pairs_hand_values():
     assert [(w, lo) for w, lo, _ in group_pairs(s, "halves")] == [(1, 2), (3, 0)]
     assert group_pairs(s, "halves", min_margin=0.5) == [(1, 2, pytest.approx(0.8))]
     assert group_pairs(np.array([0.3, 0.3, 0.3])) == []  # ties: no preference
+    assert [(w, lo) for w, lo, _ in group_pairs(s, "all", min_margin=0.3)] == [(1, 0), (1, 2), (3, 2)]
 
 
 def test_rewards_combine_weighted_and_normalised_within_groups():
@@ -259,7 +265,7 @@ def test_the_online_launch_script_runs_as_is(tmp_path):
     import os
 
     env = dict(os.environ, PROMPTS="shapes", NUM_GPUS="1")
-    r = subprocess.run(["bash", "scripts/train_online_dpo.sh", SD, f"train.output_dir={tmp_path}", "online.rounds=1"],
+    r = subprocess.run(["bash", "scripts/train_online.sh", SD, f"train.output_dir={tmp_path}", "online.rounds=1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "online round 0:" in r.stdout and (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
@@ -268,7 +274,11 @@ def test_the_online_launch_script_runs_as_is(tmp_path):
 def test_real_online_configs_cite_their_sources_and_bind():
     for path, cite in (("configs/sdxl/online_dpo_lora.yaml", "diffusion_dpo_lora.yaml"),
                        ("configs/sd35/online_dpo_lora.yaml", "config/dpo.py"),
-                       ("configs/flux/online_dpo_lora.yaml", "issue #47")):
+                       ("configs/flux/online_dpo_lora.yaml", "issue #47"),
+                       ("configs/sd35/grpo_lora.yaml", "config/grpo.py pickscore_sd3"),
+                       ("configs/sd35/nft_lora.yaml", "config/nft.py"),
+                       ("configs/sdxl/grpo_lora.yaml", "ddpo-pytorch"),
+                       ("configs/flux/nft_lora.yaml", "examples/nft/lora/flux1")):
         cfg = load_config(ROOT / path)
         assert cfg.online.panel and cfg.online.guard == 2 and cite in (ROOT / path).read_text()
         assert cfg.train.max_steps == cfg.online.rounds * cfg.online.steps_per_round
@@ -285,3 +295,13 @@ def test_online_vs_offline_script_prints_a_json_line_per_method(tmp_path):
         assert x["images_sampled"] == 2 * 4 * 14 and x["steps"] == 4
         assert {"oracle_all", "oracle_held_out", "oracle_train", "reward_all", "train_seconds"} <= set(x)
     assert (tmp_path / "oracle_vs_step.png").exists() and (tmp_path / "oracle_vs_images.png").exists()
+
+
+def test_shipped_shapes_training_prompts_leave_out_the_demos_held_out_prompts():
+    from mmalign.data.prompts import load_prompts
+    from mmalign.demo.settings import HELD_OUT
+    from mmalign.toyworld.world import all_prompts
+
+    assert load_prompts("assets/prompts/shapes_train.txt") == [p for p in all_prompts() if p not in HELD_OUT]
+    for c in ("online_dpo_shapes_sd", "online_dpo_shapes_sd3", "nft_shapes_sd"):
+        assert load_config(f"configs/demo/{c}.yaml").online.prompts == "assets/prompts/shapes_train.txt"

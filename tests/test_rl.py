@@ -222,19 +222,10 @@ def test_the_ratio_is_exactly_one_on_the_first_inner_step(tmp_path, name):
 def test_rl_resume_mid_round_equals_uninterrupted(tmp_path, monkeypatch):
     """NFT (its slow old policy is part of the saved state): killed at step 4 (round 1), resumed, equal weights."""
     from mmalign.train.diffusion_rl import DiffusionRLRecipe
+    from tests.test_online import run_interrupted
 
     full = run(cfg_("nft_flow", tmp_path / "full"))
-    real = DiffusionRLRecipe.on_step_end
-
-    def kill(self, step, applied=True):
-        real(self, step, applied)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(DiffusionRLRecipe, "on_step_end", kill)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg_("nft_flow", tmp_path / "cut"))
-    monkeypatch.setattr(DiffusionRLRecipe, "on_step_end", real)
+    run_interrupted(DiffusionRLRecipe, 4, cfg_("nft_flow", tmp_path / "cut"), monkeypatch)
     resumed = run(cfg_("nft_flow", tmp_path / "cut", "train.resume=latest"))
     for (n, a), (_, b) in zip(full.recipe.unet.named_parameters(), resumed.recipe.unet.named_parameters()):
         if a.requires_grad:

@@ -45,12 +45,16 @@ def rollout_seed(seed: int, rnd: int, prompt: int, k: int) -> int:
 
 
 def group_pairs(scores: np.ndarray, mode: str = "best_worst", min_margin: float = 0.0) -> list[tuple[int, int, float]]:
-    """(winner, loser, margin) within one prompt's group of K scores: its best vs its worst, or (``halves``) the
-    i-th best vs the i-th worst for i < K/2. A pair needs margin > ``min_margin`` (and > 0: equal scores carry
-    no preference); on equal scores the earlier sample is taken first (a stable order)."""
+    """(winner, loser, margin) within one prompt's group of K scores: its best vs its worst, (``halves``) the i-th
+    best vs the i-th worst for i < K/2, or (``all``) every pair. A pair needs margin > ``min_margin`` (and > 0:
+    equal scores carry no preference); on equal scores the earlier sample is taken first (a stable order)."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    cand = [(order[0], order[-1])] if mode == "best_worst" else list(zip(order[: len(order) // 2],
-                                                                         reversed(order[len(order) // 2:])))
+    if mode == "best_worst":
+        cand = [(order[0], order[-1])]
+    elif mode == "halves":
+        cand = list(zip(order[: len(order) // 2], reversed(order[len(order) // 2:])))
+    else:
+        cand = [(order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
     out = []
     for w, lo in cand:
         m = float(scores[w] - scores[lo])
@@ -112,14 +116,14 @@ class DiffusionRounds:
         return r.comp.pipeline(r.unet, scheduler=self.o.scheduler)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], pipe=None) -> Tensor:
+    def sample(self, prompts: list[str], seeds: list[int], pipe=None, steps: int | None = None) -> Tensor:
         """Final latents [N, C, h, w] (fp32, CPU) of one pipeline call, one image per (prompt, seed)."""
         pipe = pipe or self._pipe()
         unet, res = self.recipe.unet, self.resolution
         was = unet.training
         unet.eval()
         try:
-            out = pipe(prompt=prompts, num_inference_steps=self.o.sample_steps, guidance_scale=self.o.guidance,
+            out = pipe(prompt=prompts, num_inference_steps=steps or self.o.sample_steps, guidance_scale=self.o.guidance,
                        height=res, width=res, generator=[torch.Generator().manual_seed(s) for s in seeds],
                        output_type="latent").images
         finally:
@@ -215,7 +219,7 @@ class DiffusionRounds:
         lat, images = [], []
         for chunk in self._chunks(len(self.eval_prompts)):
             ps = [self.eval_prompts[i] for i in chunk for _ in range(n_seeds)]
-            z = self.sample(ps, [EVAL_SEED + j for _ in chunk for j in range(n_seeds)], pipe)
+            z = self.sample(ps, [EVAL_SEED + j for _ in chunk for j in range(n_seeds)], pipe, o.eval_steps)
             lat.append(z)
             images += self.decode(z, pipe)
         lat = torch.cat(lat)

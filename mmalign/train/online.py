@@ -131,9 +131,13 @@ class OnlineRounds:
             guarded = {k: v for k, v in res["panel"].items() if k in res.get("guarded", res["panel"])}
             state = self.guard.update(step, res["trained"], guarded)
             rec.update(trained=list(res["trained"]), panel={k: list(v) for k, v in res["panel"].items()}, guard=state)
-            if self.guard.best_is_latest and self.keep_best is not None:
-                self.keep_best[0](self.dir / "best.safetensors")
             out["guard_streak"] = float(state["streak"])
+        if self.acc.num_processes > 1:  # the main process evaluated: every process takes its guard state
+            from accelerate.utils import broadcast_object_list  # torch.distributed: only in multi-process runs
+
+            self.guard.load_state_dict(broadcast_object_list([self.guard.state_dict()])[0])
+        if self.guard.patience and self.guard.best_is_latest and self.keep_best is not None:
+            self.keep_best[0](self.dir / "best.safetensors")  # written by the main process
         rec["eval_seconds"] = round(time.perf_counter() - t0, 2)
         if self.log is not None:
             self.log.write(rec)
