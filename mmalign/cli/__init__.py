@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 0 on success, 1 on bad input or a failing file system (one ``error:`` line, no traceback; a bug still
     shows its traceback), 2 on a malformed command line (argparse), 130 on Ctrl-C."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"] and "--show" in argv:  # a flag among the positional overrides: argparse wants it last
+        argv = [a for a in argv if a != "--show"] + ["--show"]
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 def add_arguments(p):
     p.add_argument("config", help="a YAML recipe config (configs/...)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4 loss.beta=0.2")
+    p.add_argument("--show", action="store_true", help="print every key of the bound config with its value, default "
+                                                       "and documentation, then exit (nothing is trained)")
 
 
 def run(args) -> int:
@@ -15,6 +17,11 @@ def run(args) -> int:
     from mmalign.train.sections import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.show:
+        from mmalign.config_doc import show  # only for --show
+
+        print(show(cfg))
+        return 0
     module, fn = type(cfg).runner.split(":")
     getattr(importlib.import_module(module), fn)(cfg)  # the recipe named by the config
     return 0

@@ -28,7 +28,9 @@ class LossSection:
     keyword hyper-parameter of that function, checked against its signature."""
 
     name: str = "dpo"
+    """the LOSSES entry (``mmalign losses`` lists them with their equations)"""
     params: dict[str, Any] = field(default_factory=dict)
+    """its keyword hyper-parameters, written beside name (``loss: {name: dpo, beta: 0.1}``)"""
 
     @classmethod
     def from_dict(cls, value, path="loss"):
@@ -106,30 +108,47 @@ class LoraSection:
     """peft LoRA; ``r = alpha`` with gaussian init is the diffusers DPO default."""
 
     r: int = 8
+    """LoRA rank"""
     alpha: int = 8
+    """LoRA alpha: the adapter's output is scaled by alpha / r (saved with the export, so it loads at this strength)"""
     dropout: float = 0.0
+    """dropout on the LoRA input (0: the diffusers and TRL defaults)"""
     target_modules: Optional[list[str]] = None
+    """module names to adapt; null = the recipe's default (attention projections)"""
     init: Literal["gaussian", "default"] = "gaussian"
+    """gaussian (the diffusers DPO scripts) or peft's default (B = 0: the adapter starts as the identity)"""
 
 
 @dataclass(kw_only=True)
 class TrainSection:
     output_dir: str = "runs/default"
+    """checkpoints, metrics.jsonl, validation samples, online rounds and the final export go here"""
     max_steps: int = 100
+    """optimiser steps (online runs: rounds x steps_per_round, set for you)"""
     batch_size: int = 8
     """micro-batch per process: pairs (or lists / samples for unpaired and listwise losses)"""
     grad_accum: int = 1
+    """micro-batches per optimiser step"""
     lr: float = 1e-5
+    """learning rate (before scale_lr)"""
     scale_lr: bool = False
     """lr_effective = lr * global batch (batch_size * grad_accum * processes), the Diffusion-DPO rule"""
     weight_decay: float = 0.0
+    """AdamW / Adafactor weight decay"""
     optimizer: Literal["adamw", "adamw8bit", "adafactor", "sgd"] = "adamw"
+    """adamw, adamw8bit (bitsandbytes, the [gpu] extra), adafactor or sgd"""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2)"""
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """learning-rate schedule after the warm-up"""
     warmup_steps: int = 0
+    """linear warm-up steps"""
     max_grad_norm: Optional[float] = 1.0
+    """clip the global gradient norm to this (null: no clipping; a non-finite gradient is still caught)"""
     seed: int = 0
+    """data order, noise and every other draw derive from it (keyed per step and row)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """no, fp16 or bf16 autocast (accelerate); frozen weights follow model.frozen_dtype"""
     nan_policy: Literal["error", "skip"] = "error"
     """non-finite loss: 'error' stops with the step and rows named; 'skip' drops the step and counts it"""
     max_skipped_steps: int = 10
@@ -137,15 +156,23 @@ class TrainSection:
     max_unreadable_fraction: float = 0.5
     """stop when more than this fraction of the rows read so far could not be read (corrupt images)"""
     log_every: int = 10
+    """write metrics.jsonl / tensorboard every this many steps"""
     eval_every: int = 0
+    """evaluate (eval data, validation grids, rewards) every this many steps; 0 = never (online runs also evaluate after
+    every round)"""
     save_every: int = 0
+    """write a checkpoint every this many steps (0: only when interrupted)"""
     keep_checkpoints: int = 2
+    """keep this many checkpoints (the one latest names is always kept); 0 = all"""
     resume: Optional[str] = None
     """'latest', a checkpoint directory, or 'auto' (latest if a checkpoint exists, else start fresh: for
     pre-emptible jobs that relaunch the same command)"""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """tensorboard, jsonl (metrics.jsonl only), or any accelerate tracker (wandb, ...)"""
     num_workers: int = 0
+    """DataLoader worker processes"""
     progress: bool = True
+    """show a progress bar"""
 
     def validate(self):
         for k in ("max_steps", "batch_size", "grad_accum", "log_every"):
@@ -183,9 +210,11 @@ class PolicySource(ModelSource):
     """A policy trained against a reference model: LoRA or full, and which reference (``mmalign.models.reference``)."""
 
     lora: Optional[LoraSection] = None
+    """train LoRA adapters instead of every weight (null: full fine-tuning)"""
     reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
     """auto = peft (adapters disabled) with LoRA, else a frozen copy"""
     gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, ~30 % more compute)"""
 
     def validate(self):
         super().validate()
@@ -200,6 +229,7 @@ class LMModelSection(PolicySource):
     tokenizer: Optional[str] = None
     """defaults to name_or_path"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """the dtype the model's weights are loaded in"""
     dropout: Optional[float] = 0.0
     """override the model's dropout (DPO is usually trained with dropout off); null keeps the config's"""
 
@@ -209,13 +239,19 @@ class TextDataSection:
     train: Optional[str] = None
     """JSONL / JSON / parquet file or directory, a datasets.save_to_disk directory, or a hub dataset name"""
     eval: Optional[str] = None
+    """held-out pairs in the same format: loss and implicit reward accuracy at every evaluation"""
     split: str = "train"
+    """the split of a DatasetDict / hub dataset to train on"""
     eval_split: str = "test"
+    """the split to evaluate on when data.eval names a DatasetDict / hub dataset"""
     columns: dict[str, str] = field(default_factory=dict)
     """rename source columns to ours, e.g. {question: prompt}"""
     max_length: int = 256
+    """prompt + completion tokens (completions are truncated, prompts kept)"""
     max_prompt_length: int = 128
+    """prompt tokens (prompts are truncated from the left)"""
     max_eval_examples: Optional[int] = None
+    """use only the first N evaluation rows"""
     allow_outside_root: bool = False
     """image paths in the data may resolve outside the data file's folder (vision data; trusted data only)"""
 
@@ -228,12 +264,15 @@ class OnlineBase:
     evaluates after every round (and at step 0)."""
 
     rounds: int = 2
+    """how many rounds of sample -> score -> train"""
     steps_per_round: int = 20
+    """optimiser steps on each round's rows"""
     samples: int = 4
     """K, outputs sampled per prompt per round (at least 2: a preference needs two)"""
     prompts: Optional[str] = None
     """a .txt / .jsonl / .csv / parquet file of prompts, or a prompt set (shapes, partiprompts, ...)"""
     max_prompts: Optional[int] = None
+    """use only the first N prompts"""
 
     def validate(self):
         for k in ("rounds", "steps_per_round"):
@@ -262,7 +301,9 @@ class TextOnlineSection(OnlineBase):
     HyPO instead samples inside every step (no rounds needed). ``prompts``: default the prompts of data.train."""
 
     temperature: float = 1.0
+    """sampling temperature of the completions"""
     max_new_tokens: int = 16
+    """length limit of each sampled completion"""
     reward: str = ""
     """py:module:function, f(prompt, completion) -> float; several joined by "+" (optionally weighted, 0.5*py:...)
     are summed (each transformed first when ``reward_transform``: a logical AND of the rewards)"""
@@ -270,9 +311,11 @@ class TextOnlineSection(OnlineBase):
     """score with log sigmoid(r - r_ref(x)), r_ref = the ``reference_quantile`` of round 0's rewards for the
     prompt (Wang et al. 2024, arXiv 2402.00742)"""
     reference_quantile: float = 0.5
+    """the quantile of round 0's rewards per prompt used as r_ref(x) by reward_transform"""
     eval_prompts: Optional[str] = None
     """held-out prompts: at each evaluation, the mean ``reward`` of ``eval_samples`` samples per prompt"""
     eval_samples: int = 4
+    """completions sampled per held-out prompt at each evaluation"""
 
     def validate(self):
         super().validate()
@@ -288,10 +331,15 @@ class LMConfig:
     """Preference training of a causal LM (``recipe: lm``)."""
 
     recipe: Literal["lm"] = "lm"
+    """which recipe the config is for (``mmalign train`` runs it)"""
     model: LMModelSection
+    """the model trained: a hub id / local folder or a tiny config, LoRA or full fine-tuning, and its reference"""
     data: TextDataSection = field(default_factory=TextDataSection)
+    """the training (and evaluation) data"""
     loss: LossSection = field(default_factory=LossSection)
+    """the objective: a LOSSES name and its hyper-parameters"""
     train: TrainSection = field(default_factory=TrainSection)
+    """the loop: steps, batch, optimiser, schedule, precision, logging, evaluation, checkpoints"""
     token_weights: Literal["mask", "sigmoid", "zn_rescale"] = "sigmoid"
     """sparse_po only: token weights from the reference's last hidden states (MaPO), or the plain mask"""
     token_kl: bool = True
@@ -337,14 +385,19 @@ class DiffusionModelSection(PolicySource):
     vae: Optional[str] = None
     """alternative VAE, e.g. madebyollin/sdxl-vae-fp16-fix"""
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    """UNets: epsilon or v_prediction; auto = the scheduler config's (SD 2.1 is v_prediction)"""
     reference_offload: bool = False
     """keep the frozen reference copy on CPU, moving layers to the accelerator as they run"""
     attention: Literal["sdpa", "xformers"] = "sdpa"
+    """sdpa (PyTorch scaled-dot-product attention) or xformers (the [gpu] extra)"""
     channels_last: bool = False
     """UNet families: keep the UNet's convolution weights (and so its activations) in NHWC memory layout"""
     compile: bool = False
+    """torch.compile the denoiser"""
     ema: bool = False
+    """keep an EMA of the trained weights (diffusers EMAModel); the full export holds the EMA weights"""
     ema_decay: float = 0.9999
+    """the EMA's decay per step"""
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of every frozen weight -- VAE, text encoders, the reference copy and, under LoRA, the base
     UNet/transformer (LoRA weights stay fp32, as in the diffusers scripts); auto = bf16 / fp16 with
@@ -357,20 +410,27 @@ class DiffusionDataSection:
     """Pick-a-Pic-style parquet file/folder, save_to_disk folder, imagefolder with metadata.jsonl, or hub name
     (optional for online runs, whose pairs are sampled; their prompts default to its captions)"""
     split: str = "train"
+    """the split of a DatasetDict / hub dataset to train on"""
     eval: Optional[str] = None
     """held-out pairs: implicit reward accuracy and loss are reported at every train.eval_every steps"""
     eval_split: str = "validation"
+    """the split to evaluate on when data.eval names a DatasetDict / hub dataset"""
     max_eval_examples: Optional[int] = None
+    """use only the first N evaluation pairs"""
     columns: dict[str, str] = field(default_factory=dict)
+    """rename source columns to the Pick-a-Pic names, e.g. {prompt: caption}"""
     resolution: int = 512
     """square training resolution in pixels (a multiple of 8; 16 for Flux's packed latents)"""
     center_crop: bool = True
+    """center crop (torchvision's geometry); false: a random crop drawn once per (seed, row)"""
     random_flip: bool = True
     """horizontal flip, the same for both images of a pair"""
     drop_ties: bool = True
+    """drop pairs labelled 0.5 / 0.5 (counted); false makes a tie an error"""
     caption_dropout: float = 0.0
     """probability of an empty prompt, the same for both images of a pair (Salesforce default: 0.2)"""
     max_examples: Optional[int] = None
+    """use only the first N (non-tie) pairs"""
     cache_dir: Optional[str] = None
     """cache VAE latents (+ flipped) and text embeddings here (safetensors shards, resumable)"""
     noise_draws: int = 0
@@ -407,6 +467,7 @@ class InversionSection:
     steps: int = 10
     """inversion grid size: 10 gives {1, 101, ..., 901}"""
     eta: float = 0.1
+    """DDIM eta of the inversion steps"""
     exact_t: bool = True
     """finish with a partial step to t itself (false: stop at the grid point below t, as the InPO code)"""
 
@@ -418,11 +479,15 @@ class PPDSection:
     encoder: str = "toy_clip"
     """a CLIP-family REWARDS entry whose image encoder summarises each user's examples"""
     encoder_model: Optional[str] = None
+    """weights of the encoder (default the REWARDS entry's own)"""
     encoder_tiny: bool = False
     """random tiny encoder weights (tests)"""
     examples_per_user: int = 4
+    """how many of each user's first pairs embed the user"""
     n_tokens: int = 4
+    """user tokens appended to the text in cross-attention"""
     scale: float = 1.0
+    """scale of the user branch's attention output"""
 
 
 @dataclass(kw_only=True)
@@ -432,9 +497,13 @@ class FlowSection:
     guidance 3.5 (the diffusers Flux training default)."""
 
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
+    """how u in [0, 1) is drawn before indexing the scheduler's sigma table"""
     logit_mean: float = 0.0
+    """logit_normal: mean of the normal before the sigmoid"""
     logit_std: float = 1.0
+    """logit_normal: standard deviation of the normal before the sigmoid"""
     mode_scale: float = 1.29
+    """mode: the SD3 paper's scale s (Sec. 3.1)"""
     guidance: float = 3.5
     """Flux guidance embedding (FLUX.1-dev is guidance-distilled); ignored by models without one"""
     max_sequence_length: int = 0
@@ -446,15 +515,23 @@ class ValidationSection:
     """Sample grids from fixed prompts and seeds at every ``train.eval_every`` steps (and step 0)."""
 
     prompts: list[str] = field(default_factory=list)
+    """validation prompts: a grid of samples at step 0 and every train.eval_every steps ([] = none)"""
     seed: int = 0
+    """the first sampling seed of the validation images (the same every evaluation)"""
     images_per_prompt: int = 2
+    """images per validation prompt (seeds seed, seed + 1, ...)"""
     num_inference_steps: int = 20
+    """sampler steps of the validation images"""
     guidance_scale: float = 5.0
+    """classifier-free guidance of the validation images"""
     resolution: Optional[int] = None
+    """validation image size (default data.resolution)"""
     reward: Optional[str] = None
     """score validation images with this REWARDS entry (e.g. lambda_harmonic) -> eval/reward"""
     reward_model: Optional[str] = None
+    """weights for validation.reward (hub id or path; default the reward's own)"""
     reward_args: dict[str, Any] = field(default_factory=dict)
+    """extra loader arguments of validation.reward"""
     references: Optional[str] = None
     """folder of reference (subject) images for reference-based rewards"""
     select_best: bool = False
@@ -483,12 +560,14 @@ class DiffusionOnlineSection(OnlineBase):
     """weights per REWARDS name for reward and panel, e.g. {hpsv2: /models/HPS_v2.1_compressed.pt}"""
     tiny_rewards: bool = False
     """random tiny reward weights (tests and smoke runs)"""
-    pairs: Literal["best_worst", "halves"] = "best_worst"
+    pairs: Literal["best_worst", "halves", "all"] = "best_worst"
     """best_worst: one pair per prompt, its best vs its worst image (flow_grpo's online DPO); halves: the i-th best
-    vs the i-th worst image, K/2 pairs per prompt (the demo's labelling)"""
+    vs the i-th worst image, K/2 pairs per prompt (the demo's labelling); all: every pair whose margin exceeds
+    min_margin, up to K(K-1)/2 per prompt"""
     min_margin: float = 0.0
     """a pair needs reward(winner) - reward(loser) > min_margin (> 0 always: equal scores carry no preference)"""
     sample_steps: int = 20
+    """sampler steps of each rollout image"""
     guidance: float = 5.0
     """classifier-free guidance scale of the rollouts and the evaluation samples"""
     resolution: Optional[int] = None
@@ -504,9 +583,12 @@ class DiffusionOnlineSection(OnlineBase):
     panel: str = ""
     """held-out rewards, not trained on, scored every round (same syntax as reward)"""
     eval_prompts: Optional[str] = None
-    """the evaluation prompts (default: online.prompts); those not among the training prompts are reported as held out"""
+    """the evaluation prompts (default: online.prompts); those not among the training prompts are reported as held
+    out"""
     eval_seeds: int = 4
     """images per evaluation prompt (fixed seeds, the same every round)"""
+    eval_steps: Optional[int] = None
+    """sampler steps of the evaluation images (default sample_steps; flow_grpo and DiffusionNFT evaluate with 40)"""
     guard: int = 0
     """stop after this many rounds in a row in which the trained reward rose while a panel entry fell below the
     interval of its best round, and keep the best round's weights (0 = report only)"""
@@ -524,12 +606,14 @@ class DiffusionOnlineSection(OnlineBase):
     sde_range: Optional[list[int]] = None
     """GRPO with sde_window: [first, last) steps the window may cover (default: all but the last)"""
     old_decay_rate: float = 0.001
+    """NFT's old policy / AWM's anchor: lam grows by this per step (see old_decay_max)"""
     old_decay_max: float = 0.5
     """NFT's old policy (its sampler and v_old) and AWM's anchor: after each round old <- lam old + (1 - lam) theta,
     lam = min(old_decay_rate x step, old_decay_max) (DiffusionNFT's defaults; AWM's anchor is capped at 0.3)"""
     awm_weighting: Literal["ghuber", "uniform"] = "ghuber"
     """AWM's log-likelihood: ghuber (the authors' configs) or the plain negative flow-matching loss"""
     ghuber_power: float = 0.25
+    """p of AWM's ghuber weighting (the authors' 0.25)"""
 
     def validate(self):
         super().validate()
@@ -563,11 +647,17 @@ class DiffusionConfig:
     """
 
     recipe: Literal["diffusion"] = "diffusion"
+    """which recipe the config is for (``mmalign train`` runs it)"""
     model: DiffusionModelSection
+    """the model trained: a hub id / local folder or a tiny config, LoRA or full fine-tuning, and its reference"""
     data: DiffusionDataSection
+    """the training (and evaluation) data"""
     loss: LossSection = field(default_factory=lambda: LossSection(name="dpo", params={"beta": 5000.0}))
+    """the objective: a LOSSES name and its hyper-parameters"""
     train: TrainSection = field(default_factory=TrainSection)
+    """the loop: steps, batch, optimiser, schedule, precision, logging, evaluation, checkpoints"""
     validation: ValidationSection = field(default_factory=ValidationSection)
+    """sample grids (and a reward on them) on fixed prompts and seeds during training"""
     inversion: Optional[InversionSection] = None
     """set to use DDIM-InPO inputs (inverted latents, re-derived noise) with any pairwise loss"""
     ppd: Optional[PPDSection] = None
@@ -657,8 +747,11 @@ class CaptionerDataSection:
     world_images: int = 0
     """render this many scenes of ``world`` instead of reading images (enables content-accuracy metrics)"""
     eval_images: Optional[str] = None
+    """a folder (or glob) of evaluation images"""
     eval_world_images: int = 0
+    """render this many held-out scenes of the world for evaluation"""
     seed: int = 0
+    """seed of the world's renders"""
 
     def validate(self):
         if (self.images is None) == (self.world_images == 0):
@@ -671,21 +764,29 @@ class CaptionRewardSection:
     1 / 2, the released code's 2 / 1), or the discriminative retrieval reward."""
 
     kind: Literal["clip_s", "retrieval"] = "clip_s"
+    """clip_s (CLIP-S, optionally with the grammar head) or retrieval (discriminative finetuning)"""
     model: Optional[str] = None
     """CLIP backbone (hub id, folder, open_clip:NAME); a folder with grammar_head.safetensors enables grammar"""
     tiny: bool = False
+    """random tiny reward weights (tests)"""
     prefix: str = "A photo depicts "
+    """text prepended to each caption before the CLIP text encoder"""
     clip_weight: float = 1.0
+    """weight of CLIP-S in the reward"""
     grammar_weight: float = 0.0
+    """weight of P(grammatical) in the reward (needs a grammar head)"""
 
 
 @dataclass(kw_only=True)
 class RLSection:
     samples: int = 5
+    """captions sampled per image per step"""
     baseline: Literal["greedy", "mean", "ema"] = "greedy"
     """greedy = SCST; mean = mean reward of the other samples; ema = running mean"""
     ema_momentum: float = 0.9
+    """baseline ema: the running mean's momentum"""
     temperature: float = 1.0
+    """sampling temperature of the captions"""
 
 
 @dataclass(kw_only=True)
@@ -694,18 +795,26 @@ class CaptionerConfig:
     reward, or discriminative finetuning with a retrieval reward."""
 
     recipe: Literal["captioner"] = "captioner"
+    """which recipe the config is for (``mmalign train`` runs it)"""
     model: CaptionerModelSection
+    """the model trained: a hub id / local folder or a tiny config, LoRA or full fine-tuning, and its reference"""
     data: CaptionerDataSection
+    """the training (and evaluation) data"""
     reward: CaptionRewardSection = field(default_factory=CaptionRewardSection)
+    """the captioner's reward"""
     rl: RLSection = field(default_factory=RLSection)
+    """the policy-gradient samples and baseline"""
     loss: LossSection = field(default_factory=lambda: LossSection(name="reinforce"))
+    """the objective: a LOSSES name and its hyper-parameters"""
     train: TrainSection = field(default_factory=TrainSection)
+    """the loop: steps, batch, optimiser, schedule, precision, logging, evaluation, checkpoints"""
 
     runner = "mmalign.train.captioner:run"
 
     def validate(self):
         if self.loss.fn.kind != "policy_gradient":
-            raise ConfigError(f"recipe captioner trains with a policy-gradient loss (reinforce), not {self.loss.name!r}")
+            raise ConfigError(f"recipe captioner trains with a policy-gradient loss (reinforce), not "
+                              f"{self.loss.name!r}")
 
 
 RECIPES["captioner"] = CaptionerConfig
@@ -722,13 +831,17 @@ class VLMModelSection(PolicySource):
     freeze_vision: bool = True
     """keep the vision tower frozen (the projector and language model train)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """the dtype the model's weights are loaded in"""
     dropout: Optional[float] = 0.0
+    """override the model's dropout (DPO is usually trained with dropout off); null keeps the config's"""
 
 
 @dataclass(kw_only=True)
 class VLMDataSection(TextDataSection):
     train: Optional[str] = None
+    """the loop: steps, batch, optimiser, schedule, precision, logging, evaluation, checkpoints"""
     image_column: str = "image"
+    """the column holding each row's image (bytes, an HF Image dict, a PIL image or a path)"""
 
 
 @dataclass(kw_only=True)
@@ -740,7 +853,9 @@ class OnlineSection(OnlineBase):
     world_images: int = 0
     """N renders of the config's ``world`` x its QA questions"""
     temperature: float = 1.0
+    """sampling temperature of the answers"""
     max_new_tokens: int = 24
+    """length limit of each sampled answer"""
     judge: str = "world:shapes"
     """world:NAME (a world's QA judge on (image, question kind, response)) or reward:NAME (a REWARDS model
     scoring (image, response))"""
@@ -762,13 +877,21 @@ class VLMConfig:
     or ``online`` rounds of on-policy pairs labelled by a judge (reward margin -> mm_dpo)."""
 
     recipe: Literal["vlm"] = "vlm"
+    """which recipe the config is for (``mmalign train`` runs it)"""
     model: VLMModelSection
+    """the model trained: a hub id / local folder or a tiny config, LoRA or full fine-tuning, and its reference"""
     data: VLMDataSection = field(default_factory=VLMDataSection)
+    """the training (and evaluation) data"""
     loss: LossSection = field(default_factory=LossSection)
+    """the objective: a LOSSES name and its hyper-parameters"""
     train: TrainSection = field(default_factory=TrainSection)
+    """the loop: steps, batch, optimiser, schedule, precision, logging, evaluation, checkpoints"""
     online: Optional[OnlineSection] = None
+    """on-policy rounds of answers labelled by a judge (instead of, or after, data.train)"""
     token_weights: Literal["mask", "sigmoid", "zn_rescale"] = "sigmoid"
+    """sparse_po only: token weights from the reference's last hidden states (MaPO), or the plain mask"""
     token_kl: bool = True
+    """sparse_po only: include the per-token KL term d"""
     world: str = "shapes"
     """the plug-in world (``mmalign.worlds``) for eval_qa, online world_images and the world judge"""
     eval_qa: int = 0
