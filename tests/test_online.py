@@ -162,7 +162,7 @@ def test_group_pairs_hand_values():
     assert [(w, lo) for w, lo, _ in group_pairs(s, "halves")] == [(1, 2), (3, 0)]
     assert group_pairs(s, "halves", min_margin=0.5) == [(1, 2, pytest.approx(0.8))]
     assert group_pairs(np.array([0.3, 0.3, 0.3])) == []  # ties: no preference
-    assert [(w, lo) for w, lo, _ in group_pairs(s, "all", min_margin=0.3)] == [(1, 0), (1, 2), (3, 2)]
+    assert [(w, lo) for w, lo, _ in group_pairs(s, "all", min_margin=0.35)] == [(1, 3), (1, 0), (1, 2), (3, 2)]
 
 
 def test_rewards_combine_weighted_and_normalised_within_groups():
