@@ -27,7 +27,10 @@ Printed: a table, then one JSON line with speed_ratio_vs_peer, memory_ratio_vs_p
 over ours *plus* the per-step share of building the cache / precomputing the reference (the first run's
 setup less the loading time of the later runs), i.e. the ratio for a single pass over data nobody has cached
 yet. Peak memory: CUDA max allocated during the steps, or the process's peak RSS on CPU. Step times are medians over all timed steps of all repeats (each
-run warms up one step first).
+run warms up one step first). ``speed_ratio_vs_peer_per_repeat`` pairs each repeat's peer run with ours (the
+paths of one repeat run back to back, so they share the machine's state) and ``speed_verdict`` is ``faster`` or
+``slower`` only when every repeat agrees, ``within noise`` when the spread crosses 1 -- on a busy machine the
+spread, not the median, is the result.
 
     python scripts/bench_diffusion_dpo.py                                   # sd15 UNet, 16x16 latents, CPU
     python scripts/bench_diffusion_dpo.py --latent 32 --steps 5 --repeats 1
@@ -328,6 +331,25 @@ def profile(args) -> None:
     print(p.key_averages().table(sort_by=key, row_limit=15))
 
 
+def paired_ratios(peer_runs: list[dict], our_runs: list[dict]) -> list[float]:
+    """Speed ratio of each interleaved repeat: the peer run's median step time over ours in the same repeat (the
+    machine's state drifts between repeats; within one it is shared), so the spread of these ratios is the noise."""
+    med = lambda r: statistics.median(r["step_times"])  # noqa: E731
+    return [med(p) / med(o) for p, o in zip(peer_runs, our_runs) if "error" not in p and "error" not in o]
+
+
+def verdict(ratios: list[float]) -> str:
+    """``faster`` / ``slower`` only when every repeat agrees (the spread does not cross 1); ``within noise`` when
+    the repeats disagree -- a spread larger than the effect is no result; one repeat gives no verdict."""
+    if len(ratios) < 2:
+        return "one repeat: no verdict (use --repeats 3)"
+    if min(ratios) > 1:
+        return "faster"
+    if max(ratios) < 1:
+        return "slower"
+    return "within noise"
+
+
 def launch(path: str, args, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--path", path, "--size", args.size, "--latent", str(args.latent),
            "--steps", str(1 if path == "salesforce" else args.steps), "--batch", str(args.batch),
@@ -348,7 +370,8 @@ def main():
     ap.add_argument("--size", choices=list(SIZES), default="sd15")
     ap.add_argument("--latent", type=int, default=16, help="latent side (image side = 8x for SD VAEs)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of every path")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of every path (the spread of their "
+                    "paired ratios decides the verdict)")
     ap.add_argument("--batch", type=int, default=1, help="pairs per step")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (the peer README's --rank=8)")
     ap.add_argument("--paths", default=",".join(PATHS))
@@ -454,10 +477,19 @@ def main():
             continue
         if "sec_per_step" in peer:
             out[f"speed_ratio_vs_peer{suffix}"] = round(peer["sec_per_step"] / s["sec_per_step"], 3)
+            ratios = paired_ratios(runs["peer"], runs[name])
+            out[f"speed_ratio_vs_peer_per_repeat{suffix}"] = [round(r, 3) for r in ratios]
+            out[f"speed_verdict{suffix}"] = verdict(ratios)
             out[f"memory_ratio_vs_peer{suffix}"] = round(s["peak_mb"] / peer["peak_mb"], 3)
             out[f"first_pass_ratio_vs_peer{suffix}"] = round(peer["sec_per_step"] / s["first_pass_sec_per_step"], 3)
         if "sec_per_step" in sf:
             out[f"speed_ratio_vs_salesforce{suffix}"] = round(sf["sec_per_step"] / s["sec_per_step"], 3)
+    for name in ("mmalign", "mmalign_precomputed"):
+        suffix = "" if name == "mmalign" else "_precomputed"
+        if f"speed_verdict{suffix}" in out:
+            rs = out[f"speed_ratio_vs_peer_per_repeat{suffix}"]
+            span = f" (repeats {min(rs):.2f}x-{max(rs):.2f}x)" if rs else ""
+            print(f"{name} vs peer: {out[f'speed_verdict{suffix}']}{span}")
     print("JSON " + json.dumps(out))
 
 

@@ -30,6 +30,23 @@ def test_diffusion_bench_prints_every_ratio_from_one_run():
     # the precomputed path reuses the mmalign path's cache (as a sweep does): it builds none itself
     assert paths["mmalign"]["cache_reused"] == [False] and paths["mmalign_precomputed"]["cache_reused"] == [True]
     assert paths["mmalign"]["trainable"] == paths["peer"]["trainable"]  # the same LoRA on both sides
+    assert len(out["speed_ratio_vs_peer_per_repeat"]) == 1 and out["speed_verdict"].startswith("one repeat")
+
+
+def test_diffusion_bench_verdict_needs_every_repeat_to_agree():
+    """A ratio whose repeats straddle 1 is noise, not a result (#27: single steps of 4.9-39.9 s beside another job)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_dd", ROOT / "scripts" / "bench_diffusion_dpo.py")
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    run = lambda *t: {"step_times": list(t)}  # noqa: E731
+    # medians per run: peer 6, 4 / ours 5, 5 -> ratios 1.2 and 0.8
+    assert b.paired_ratios([run(6, 6, 9), run(4, 1, 4)], [run(5, 5, 5), run(5, 5, 5)]) == [1.2, 0.8]
+    assert b.paired_ratios([run(6), {"error": "x"}], [run(3), run(3)]) == [2.0]  # a failed run pairs with nothing
+    assert b.verdict([1.2, 0.8]) == "within noise"
+    assert b.verdict([1.1, 1.3, 1.05]) == "faster" and b.verdict([0.7, 0.9]) == "slower"
+    assert b.verdict([1.5]).startswith("one repeat")
 
 
 def test_lm_bench_compares_with_trl_at_the_same_checkpointing():
