@@ -10,6 +10,7 @@ steps and against images sampled, one line per method with its spread over seeds
 
     python scripts/compare_online.py                                  # both models, 3 seeds, all five methods
     python scripts/compare_online.py --models sd3 --methods grpo,nft,awm --seeds 0
+    python scripts/compare_online.py --merge runs/a runs/b --out runs/ab   # one table and plots from several runs
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from online_experiment import LOSS, experiment  # noqa: E402  (the shared experiment, beside this script)
+from online_experiment import LOSS, experiment, merge  # noqa: E402  (the shared experiment, beside this script)
 
 
 def main():
@@ -38,7 +39,12 @@ def main():
     p.add_argument("--reward", default="reward:toy_clip")
     p.add_argument("--eval-seeds", type=int, default=16)
     p.add_argument("--out", default="runs/compare_online")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="no training: one table and the plots (into --out) from these runs' summary.json")
     a = p.parse_args()
+    if a.merge:
+        merge(a.merge, a.out)
+        return
     a.loss, a.guard_patience = json.loads(a.loss), 0
     experiment(a, a.methods.split(","))
 

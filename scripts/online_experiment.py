@@ -137,6 +137,22 @@ def plot(curves: dict, path: Path, x: str = "step"):
     plt.close(fig)
 
 
+def merge(dirs: list[str], out: str) -> list[dict]:
+    """One table and plots from several runs' ``summary.json`` (e.g. the group methods beside the
+    pair methods of an earlier run with the same models, budget and evaluation seeds)."""
+    rows, curves = [], {}
+    for d in dirs:
+        s = json.loads((Path(d) / "summary.json").read_text())
+        rows += s["rows"]
+        for key, v in s["curves"].items():
+            curves[tuple(key.split("/", 1))] = v
+    table(rows)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    plot(curves, Path(out) / "oracle_vs_step.png", "step")
+    plot(curves, Path(out) / "oracle_vs_images.png", "images")
+    return rows
+
+
 def experiment(a, methods: list[str]) -> list[dict]:
     """Every (model, method) over ``a.seeds``: one JSON line each (printed as it finishes), the table, the plots."""
     out = Path(a.out)

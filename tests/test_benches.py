@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,7 @@ def run_json(*argv: str) -> dict:
     return json.loads(line[-1][5:])
 
 
+@pytest.mark.slow  # cost: launches processes / runs a script end to end
 def test_diffusion_bench_prints_every_ratio_from_one_run():
     out = run_json("scripts/bench_diffusion_dpo.py", "--size", "tiny", "--latent", "8", "--steps", "1",
                    "--repeats", "1")
@@ -49,6 +52,7 @@ def test_diffusion_bench_verdict_needs_every_repeat_to_agree():
     assert b.verdict([1.5]).startswith("one repeat")
 
 
+@pytest.mark.slow  # cost: launches processes / runs a script end to end
 def test_lm_bench_compares_with_trl_at_the_same_checkpointing():
     out = run_json("scripts/bench_lm_dpo.py", "--layers", "1", "--width", "64", "--heads", "2", "--batch", "4",
                    "--steps", "3", "--gc", "on")
@@ -56,6 +60,7 @@ def test_lm_bench_compares_with_trl_at_the_same_checkpointing():
     assert "speed_ratio_vs_trl_gc_off" not in out
 
 
+@pytest.mark.slow  # cost: launches processes / runs a script end to end
 def test_plan_memory_runs_for_every_model_and_method():
     """Every model the GPU plan lists profiles (FLUX's attention dispatch passes query= / key= / value= by keyword,
     which once crashed the SDPA-counting hook), for offline DPO and the online methods."""

@@ -39,6 +39,7 @@ def losses(out: Path):
     return [json.loads(x)["train/loss"] for x in open(out / "metrics.jsonl") if "train/loss" in x]
 
 
+@pytest.mark.slow  # cost: launches processes / runs a script end to end
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo check")
 @pytest.mark.parametrize("config", ["diffusion_dpo", "flow_dpo", "flux_dpo"])
 def test_two_processes_equal_one_process(tmp_path, config):

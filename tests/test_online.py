@@ -100,6 +100,7 @@ def run_interrupted(recipe_cls, at_step: int, cfg, monkeypatch):
     monkeypatch.setattr(recipe_cls, "on_step_end", real)
 
 
+@pytest.mark.slow  # cost: launches processes / runs a script end to end
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo check")
 def test_two_processes_equal_one_process(tmp_path):
     from tests.test_multiprocess import env, free_port
@@ -284,6 +285,7 @@ def test_real_online_configs_cite_their_sources_and_bind():
         assert cfg.train.max_steps == cfg.online.rounds * cfg.online.steps_per_round
 
 
+@pytest.mark.slow  # cost: launches processes / runs a script end to end
 def test_online_vs_offline_script_prints_a_json_line_per_method(tmp_path):
     r = subprocess.run([sys.executable, "scripts/online_vs_offline_diffusion.py", "--models", "sd", "--seeds", "0",
                         "--rounds", "2", "--samples", "4", "--steps", "2", "--eval-seeds", "2", "--out", str(tmp_path)],

@@ -234,6 +234,7 @@ def test_rl_resume_mid_round_equals_uninterrupted(tmp_path, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # cost: launches processes / runs a script end to end
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo check")
 def test_grpo_two_processes_equal_one_process(tmp_path):
     from safetensors.torch import load_file
