@@ -376,3 +376,20 @@ def test_precomputed_reference_table_is_kept_and_reused(tmp_path, monkeypatch):
                                real(sweep, sweep.train_data, "train", 2), rtol=0, atol=1e-6)
     recipe_(tmp_path / "c", *base, "train.seed=7")
     assert calls == [1] and len(list((tmp_path / "cache" / "reference").glob("train-*.safetensors"))) == 2
+
+
+def test_grid_labels_wrap_instead_of_being_cut():
+    """Grid labels (validation, online rounds) once showed 'a red circ': every character now appears, within the cell."""
+    from PIL import Image, ImageDraw
+
+    from mmalign.diffusion.data import make_grid, wrap_label
+
+    d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for text in ["a red circle", "an orange square next to a blue triangle", "supercalifragilisticexpialidocious x"]:
+        lines = wrap_label(text, 62, d)
+        assert all(d.textlength(x) <= 62 for x in lines), lines
+        assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+    assert wrap_label("a green triangle", 62, d) == ["a green", "triangle"]
+    one = make_grid([Image.new("RGB", (64, 64))] * 2, cols=2, labels=["a red", "a red"])
+    two = make_grid([Image.new("RGB", (64, 64))] * 2, cols=2, labels=["a green triangle", "a red"])
+    assert two.size[1] == one.size[1] + 11  # the longest label's second line gets its own row of text

@@ -249,19 +249,42 @@ def write_pickapic_parquet(path: str | Path, rows: list[dict]):
     datasets.Dataset.from_list(out).to_parquet(str(path))
 
 
+def wrap_label(text: str, width: int, draw) -> list[str]:
+    """Words of ``text`` in lines no wider than ``width`` pixels (a word wider than a line is cut by characters)."""
+    lines, cur = [], ""
+    for word in text.split():
+        while draw.textlength(word) > width and len(word) > 1:  # cut a word that cannot fit on any line
+            k = max([i for i in range(1, len(word) + 1) if draw.textlength(word[:i]) <= width] or [1])
+            if cur:
+                lines.append(cur)
+                cur = ""
+            lines.append(word[:k])
+            word = word[k:]
+        trial = f"{cur} {word}".strip()
+        if draw.textlength(trial) <= width:
+            cur = trial
+        else:
+            lines.append(cur)
+            cur = word
+    return lines + ([cur] if cur else [])
+
+
 def make_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None, pad: int = 2) -> Image.Image:
-    """Tile PIL images into one grid (for validation samples); optional text label under each."""
+    """Tile PIL images into one grid (for validation samples); optional text label under each, wrapped over as
+    many lines as the longest label needs (never cut)."""
     from PIL import ImageDraw
 
     w, h = images[0].size
     rows = math.ceil(len(images) / cols)
-    lh = 12 if labels else 0
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [wrap_label(t, w - 2, probe) for t in labels] if labels else []
+    lh = 11 * max((len(x) for x in wrapped), default=0) + (1 if labels else 0)
     grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + lh + pad) + pad), (255, 255, 255))
     d = ImageDraw.Draw(grid)
     for k, im in enumerate(images):
         r, c = divmod(k, cols)
         x, y = pad + c * (w + pad), pad + r * (h + lh + pad)
         grid.paste(im.resize((w, h)), (x, y))
-        if labels:
-            d.text((x + 1, y + h), labels[k][: max(4, w // 6)], fill=(0, 0, 0))
+        for i, line in enumerate(wrapped[k] if labels else []):
+            d.text((x + 1, y + h + 11 * i), line, fill=(0, 0, 0))
     return grid
