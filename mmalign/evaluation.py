@@ -57,6 +57,33 @@ def summarize_scores(scores: dict[str, dict[str, list[float]]], base: str = "bas
     return rows
 
 
+def diversity_rows(images: dict[str, list], keys: list[tuple[str, int]], base: str, seed: int = 0) -> list[dict]:
+    """Per-prompt sample diversity (``mmalign.rewards.signals.diversity`` of a prompt's images over its seeds) for
+    every model: mean over prompts with its 95 % interval; for other models the share of prompts more diverse than
+    base and ``fell``: True when its whole interval lies below the base's (collapsed diversity, a reward-hacking
+    sign; two intervals that overlap are not evidence). Empty when no prompt has two seeds."""
+    from mmalign.rewards.signals import diversity
+
+    by_prompt: dict[str, list[int]] = {}
+    for i, (prompt, _) in enumerate(keys):
+        by_prompt.setdefault(prompt, []).append(i)
+    groups = [ix for ix in by_prompt.values() if len(ix) >= 2]
+    if not groups:
+        return []
+    per = {m: [diversity([ims[i] for i in ix]) for ix in groups] for m, ims in images.items()}
+    rows = []
+    for m in [base] + [m for m in per if m != base]:
+        v = per[m]
+        lo, hi = bootstrap_ci(v, seed=seed)
+        row = {"reward": "diversity", "model": m, "n": len(v), "mean": float(np.mean(v)), "ci_low": lo, "ci_high": hi}
+        if m != base:
+            w = wins(v, per[base])
+            wl, wh = bootstrap_ci(w, seed=seed + 1)
+            row.update(win_rate=float(w.mean()), win_low=wl, win_high=wh, fell=bool(hi < rows[0]["ci_low"]))
+        rows.append(row)  # rows[0] is the base's
+    return rows
+
+
 def format_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells for ``mmalign.utils.print_table``."""
     out = []
@@ -147,8 +174,9 @@ def _open(folder, name: str):
 def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: str | Path, base: str | None = None,
                      models: dict | None = None, extra: dict | None = None, tiny: bool = False, device=None,
                      batch_size: int = 16, seed: int = 0, gallery_items: int = 64) -> dict:
-    """Score every folder's images (paired by prompt and seed) with every reward; write ``scores.csv`` (one
-    row per item and model), ``summary.json`` / ``summary.csv`` and ``gallery.html`` under ``out``."""
+    """Score every folder's images (paired by prompt and seed) with every reward, plus each model's per-prompt
+    diversity (``diversity_rows``: flagged when it fell below the base's interval); write ``scores.csv`` (one row
+    per item and model), ``summary.json`` / ``summary.csv`` and ``gallery.html`` under ``out``."""
     from mmalign.rewards.scoring import check_inputs, score_images, write_rows  # reward models: loaded when scored
 
     out = Path(out)
@@ -161,6 +189,7 @@ def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: st
     scores = {n: score_images(rewards, images[n], prompts, None, models, extra, tiny, device, batch_size)
               for n in names}
     rows = summarize_scores(scores, base=base, seed=seed)
+    rows += diversity_rows(images, keys, base, seed)
     write_rows(str(out / "scores.csv"), [{"model": n, "prompt": k[0], "seed": k[1], "file": by[n][k]["file_name"],
                                           **{r: scores[n][r][i] for r in rewards}}
                                          for n in names for i, k in enumerate(keys)])

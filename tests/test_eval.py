@@ -12,7 +12,7 @@ from mmalign.cli import main
 from mmalign.data.prompts import load_prompts
 from mmalign.data.records import DataError
 from mmalign.diffusion.sampling import apply_lora, load_pipeline, sample_to_folder
-from mmalign.evaluation import bootstrap_ci, summarize_scores, wins, write_gallery
+from mmalign.evaluation import bootstrap_ci, diversity_rows, summarize_scores, wins, write_gallery
 from mmalign.train.diffusion import run
 from mmalign.train.sections import load_config
 
@@ -43,6 +43,8 @@ def test_sample_then_eval_base_vs_lora_end_to_end(tmp_path, lora, capsys):
         b, t = rows[(rw, "base")], rows[(rw, "dpo")]
         assert b["ci_low"] <= b["mean"] <= b["ci_high"] and 0 <= t["win_rate"] <= 1
         assert t["win_low"] <= t["win_rate"] <= t["win_high"]
+    div = rows[("diversity", "dpo")]  # 6 prompts x 2 seeds: per-prompt diversity of every model
+    assert rows[("diversity", "base")]["n"] == 6 and isinstance(div["fell"], bool) and 0 <= div["win_rate"] <= 1
     lines = (tmp_path / "scores.csv").read_text().splitlines()
     assert len(lines) == 1 + 24 and lines[0].split(",")[:4] == ["model", "prompt", "seed", "file"]
     meta = [json.loads(x) for x in (tmp_path / "samples" / "dpo" / "metadata.jsonl").read_text().splitlines()]
@@ -131,3 +133,36 @@ def test_eval_with_relative_folders(tmp_path, monkeypatch, capsys):
                  "--out", "runs/e"]) == 0
     assert "win rate vs base" in capsys.readouterr().out
     assert (tmp_path / "runs/e/summary.json").exists()
+
+
+def test_diversity_rows_flag_a_model_whose_samples_collapsed():
+    rng = np.random.default_rng(0)
+    keys = [(p, k) for p in ("a", "b", "c", "d", "e", "f") for k in range(4)]
+    noise = lambda: Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))  # noqa: E731
+    same = Image.fromarray(np.full((16, 16, 3), 128, np.uint8))
+    images = {"base": [noise() for _ in keys], "varied": [noise() for _ in keys], "collapsed": [same for _ in keys]}
+    rows = {r["model"]: r for r in diversity_rows(images, keys, "base")}
+    assert rows["base"]["n"] == 6 and "fell" not in rows["base"]
+    assert rows["collapsed"]["mean"] == 0.0 and rows["collapsed"]["fell"] and rows["collapsed"]["win_rate"] == 0.0
+    assert not rows["varied"]["fell"]
+    assert diversity_rows(images, [(p, 0) for p in "abcdef" for _ in range(4)][:1], "base") == []  # no prompt has 2 seeds
+
+
+def test_eval_warns_when_a_tuned_folder_lost_its_diversity(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for name, collapsed in (("base", False), ("tuned", True)):
+        d = tmp_path / name
+        d.mkdir()
+        rows = []
+        for p in range(6):
+            for k in range(3):
+                px = np.full((16, 16, 3), 90, np.uint8) if collapsed else rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(px).save(d / f"{p}-{k}.png")
+                rows.append(json.dumps({"file_name": f"{p}-{k}.png", "prompt": f"prompt {p}", "seed": k}))
+        (d / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    assert main(["eval", "--folder", f"base={tmp_path / 'base'}", "--folder", f"tuned={tmp_path / 'tuned'}",
+                 "--reward", "saturation", "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "diversity" in out and "warning: tuned: per-prompt diversity 0.0000" in out
+    rows = json.loads((tmp_path / "e" / "summary.json").read_text())["rows"]
+    assert [r["fell"] for r in rows if r["reward"] == "diversity" and r["model"] == "tuned"] == [True]

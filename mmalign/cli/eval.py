@@ -96,5 +96,11 @@ def run(args) -> int:
                            extra=parse_reward_args(args.reward_arg), tiny=args.tiny, device=args.device)
     print(f"\n{len(res['keys'])} prompt/seed items per model; 95% bootstrap intervals; ties count half")
     print_table(*format_rows(res["rows"]))
+    for r in res["rows"]:
+        if r.get("fell"):
+            base = next(b for b in res["rows"] if b["reward"] == "diversity" and b["model"] == res["base"])
+            print(f"warning: {r['model']}: per-prompt diversity {r['mean']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] fell "
+                  f"below {res['base']}'s 95% interval "
+                  f"[{base['ci_low']:.4f}, {base['ci_high']:.4f}] -- collapsed samples, a sign of reward hacking")
     print(f"-> {out / 'summary.csv'}, {out / 'scores.csv'}, {out / 'gallery.html'}")
     return 0
