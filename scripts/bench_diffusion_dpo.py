@@ -342,7 +342,7 @@ def verdict(ratios: list[float]) -> str:
     """``faster`` / ``slower`` only when every repeat agrees (the spread does not cross 1); ``within noise`` when
     the repeats disagree -- a spread larger than the effect is no result; one repeat gives no verdict."""
     if len(ratios) < 2:
-        return "one repeat: no verdict (use --repeats 3)"
+        return "one repeat: no verdict (use --repeats 2 or more)"
     if min(ratios) > 1:
         return "faster"
     if max(ratios) < 1:
@@ -370,7 +370,7 @@ def main():
     ap.add_argument("--size", choices=list(SIZES), default="sd15")
     ap.add_argument("--latent", type=int, default=16, help="latent side (image side = 8x for SD VAEs)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of every path (the spread of their "
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of every path (the spread of their "
                     "paired ratios decides the verdict)")
     ap.add_argument("--batch", type=int, default=1, help="pairs per step")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (the peer README's --rank=8)")
