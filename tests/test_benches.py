@@ -78,3 +78,19 @@ def test_plan_memory_runs_for_every_model_and_method():
         assert by[(m, "grpo")]["peak_ckpt_gb"] > by[(m, "dpo")]["peak_ckpt_gb"] > 0
         if m != "flux":  # a guided GRPO step is 2 images (6F), an NFT image 4F; FLUX.1-dev has no guidance pair (3F)
             assert by[(m, "nft")]["unit_tflops"] < by[(m, "grpo")]["unit_tflops"]
+
+
+@pytest.mark.slow  # cost: runs every benchmark of the GPU check at toy size
+def test_gpu_check_dry_run_runs_its_whole_plan_on_cpu(tmp_path):
+    """`bash scripts/gpu_check.sh --dry-run` is known to work before a GPU is lent: every check returns its JSON."""
+    env = dict(os.environ, OUT=str(tmp_path / "gpu.json"), HF_HUB_OFFLINE="1")
+    p = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["_meta"]["dry_run"] is True
+    assert {"dpo_1pair", "dpo_4pairs", "xformers", "compile", "online"} <= set(res)
+    for k in ("dpo_1pair", "dpo_4pairs"):
+        assert res[k]["speed_ratio_vs_peer"] > 0 and res[k]["batch"] == (1 if k == "dpo_1pair" else 4), res[k]
+    assert "rollout_ratio_vs_pipeline" in json.dumps(res["online"]), res["online"]
+    assert "error" not in res["compile"], res["compile"]
