@@ -62,7 +62,7 @@ def diversity_rows(images: dict[str, list], keys: list[tuple[str, int]], base: s
     every model: mean over prompts with its 95 % interval; for other models the share of prompts more diverse than
     base and ``fell``: True when its whole interval lies below the base's (collapsed diversity, a reward-hacking
     sign; two intervals that overlap are not evidence). Empty when no prompt has two seeds."""
-    from mmalign.rewards.signals import diversity
+    from mmalign.rewards.signals import diversity  # lazy: signals imports torch, which report-only users skip
 
     by_prompt: dict[str, list[int]] = {}
     for i, (prompt, _) in enumerate(keys):

@@ -84,29 +84,44 @@ def ours(model, tok, batch, steps, out, gc: bool):
 
 
 def time_loops(base, tok, rows, batch, steps, tmp, gc: bool):
+    """Seconds per optimiser step 2..N of one N-step run of each trainer: the time from the end of step 1 to
+    the end of step N over N - 1, read from each loop's own step-end hook (TRL's ``on_step_end`` callback, our
+    recipe's ``on_step_end``), so setup and the warm-up step are left out and the figure cannot come out negative (the
+    earlier way, an N-step run minus a 1-step run, did on a loaded machine at 3 steps)."""
     from accelerate.state import AcceleratorState, GradientState
+    from transformers import TrainerCallback
 
     from mmalign.train.loop import train
 
-    out = {}
-    # TRL: time steps 2..N by subtracting a 1-step run (warm-up, setup) from an N-step run
+    if steps < 2:
+        raise SystemExit("--steps must be at least 2 (step 1 is the warm-up)")
+    ends = {"mmalign": [], "trl": []}
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends["trl"].append(time.perf_counter())
+
     for name in ("mmalign", "trl"):
-        per = []
-        for n in (1, steps):
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-            m = copy.deepcopy(base)
-            if name == "trl":
-                tr = trl_trainer(m, tok, rows, batch, n, f"{tmp}/trl{n}", gc)
-                t0 = time.perf_counter()
-                tr.train()
-            else:
-                recipe, cfg = ours(m, tok, batch, n, f"{tmp}/ours{n}", gc)
-                t0 = time.perf_counter()
-                train(recipe, cfg.train, recipe.acc)
-            per.append(time.perf_counter() - t0)
-        out[name] = (per[1] - per[0]) / (steps - 1)
-    return out
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        m = copy.deepcopy(base)
+        if name == "trl":
+            tr = trl_trainer(m, tok, rows, batch, steps, f"{tmp}/trl", gc)
+            tr.add_callback(StepEnds())
+            tr.train()
+        else:
+            recipe, cfg = ours(m, tok, batch, steps, f"{tmp}/ours", gc)
+            recipe_end = recipe.on_step_end  # called after every optimiser step (``on_step`` only at log steps)
+
+            def on_step_end(step, applied=True, _end=recipe_end):
+                ends["mmalign"].append(time.perf_counter())
+                return _end(step, applied=applied)
+
+            recipe.on_step_end = on_step_end
+            train(recipe, cfg.train, recipe.acc)
+    if any(len(e) != steps for e in ends.values()):
+        raise SystemExit(f"expected {steps} step ends per trainer, got { {k: len(e) for k, e in ends.items()} }")
+    return {k: (e[-1] - e[0]) / (steps - 1) for k, e in ends.items()}
 
 
 def time_core(base, tok, rows, batch, gc: bool, repeats=10):
