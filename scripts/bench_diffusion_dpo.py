@@ -26,7 +26,9 @@ Printed: a table, then one JSON line with speed_ratio_vs_peer, memory_ratio_vs_p
 (mmalign as shipped), the same for mmalign_precomputed, and ``first_pass_ratio_vs_peer``: the peer's step time
 over ours *plus* the per-step share of building the cache / precomputing the reference (the first run's
 setup less the loading time of the later runs), i.e. the ratio for a single pass over data nobody has cached
-yet. Peak memory: CUDA max allocated during the steps, or the process's peak RSS on CPU. Step times are medians over all timed steps of all repeats (each
+yet. Peak memory: CUDA max allocated during the steps, or the process's peak RSS on CPU (loading included);
+``train_memory_ratio_vs_peer``: the peak from the first step on (CUDA's counter, or RSS's high-water mark reset
+after loading, Linux), which leaves out the one-off loading spike. Step times are medians over all timed steps of all repeats (each
 run warms up one step first). ``speed_ratio_vs_peer_per_repeat`` pairs each repeat's peer run with ours (the
 paths of one repeat run back to back, so they share the machine's state) and ``speed_verdict`` is ``faster`` or
 ``slower`` only when every repeat agrees, ``within noise`` when the spread crosses 1 -- on a busy machine the
@@ -143,6 +145,31 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
+def reset_train_peak():
+    """Start the training-phase peak here (after loading): CUDA's peak counter, or on Linux the process's RSS
+    high-water mark (``/proc/self/clear_refs`` 5 resets VmHWM to the current RSS)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def train_peak_mb() -> float:
+    """Peak memory since ``reset_train_peak``: what training holds, without the one-off loading spike (a process
+    that loads fp32 weights and stores them lower peaks while both exist, and keeps a memory-mapped weight file
+    resident while it is read)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        line = [x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM")][0]
+        return int(line.split()[1]) / 1024
+    except (OSError, IndexError):
+        return peak_memory_mb()
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -215,6 +242,7 @@ def run_peer(args, full: bool, hook=None) -> dict:
     sched, beta = comp.noise_scheduler, 5000.0
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     times, it = [], iter(loader)
+    reset_train_peak()
     for step in range(args.steps + 1):
         sync()
         t0 = time.perf_counter()
@@ -257,7 +285,8 @@ def run_peer(args, full: bool, hook=None) -> dict:
         times.append(time.perf_counter() - t0)
         if hook is not None:
             hook()
-    return {"step_times": times[1:], "peak_mb": peak_memory_mb(), "trainable": sum(p.numel() for p in params)}
+    return {"step_times": times[1:], "peak_mb": peak_memory_mb(), "train_peak_mb": train_peak_mb(),
+            "trainable": sum(p.numel() for p in params)}
 
 
 # ------------------------------------------------------------------ mmalign (child process)
@@ -299,10 +328,10 @@ def run_mmalign(args, precomputed: bool, hook=None) -> dict:
     t0 = time.perf_counter()
     recipe = DiffusionRecipe(cfg, acc)  # loads the pipeline folder itself, as `mmalign train` does
     setup = time.perf_counter() - t0  # loading; building the cache (first run only); precomputed reference scores
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_train_peak()
     res = train(recipe, cfg.train, acc, on_step=(lambda step, rec: hook()) if hook else None)
     return {"step_times": [r["train/sec_per_step"] for r in res.history][1:], "peak_mb": peak_memory_mb(),
+            "train_peak_mb": train_peak_mb(),
             "setup_s": setup, "cache_reused": cached,
             "trainable": sum(p.numel() for p in recipe.trainable_parameters())}
 
@@ -432,6 +461,8 @@ def main():
              "peak_mb": max(r["peak_mb"] for r in ok if r.get("cache_reused", True)) if any(
                  r.get("cache_reused", True) for r in ok) else max(r["peak_mb"] for r in ok),
              "peak_mb_first_run": ok[0]["peak_mb"], "trainable": ok[0]["trainable"]}
+        if all("train_peak_mb" in r for r in ok):
+            s["train_peak_mb"] = max(r["train_peak_mb"] for r in ok)
         if "setup_s" in ok[0]:
             s["setup_s"] = [round(r["setup_s"], 1) for r in ok]
             s["cache_reused"] = [r["cache_reused"] for r in ok]
@@ -458,16 +489,18 @@ def main():
     table = []
     for path, s in summary.items():
         if "error" in s:
-            table.append([path, "failed", "", "", "", "", ""])
+            table.append([path, "failed", "", "", "", "", "", "", ""])
             continue
         vs = lambda b, k: f"{b[k] / s[k]:.2f}x" if k in b else "-"  # noqa: E731
         mem = f"{s['peak_mb'] / peer['peak_mb']:.2f}x" if "peak_mb" in peer else "-"
         first = f"{peer['sec_per_step'] / s['first_pass_sec_per_step']:.2f}x" if "first_pass_sec_per_step" in s \
             and "sec_per_step" in peer else "-"
+        tmem = f"{s['train_peak_mb'] / peer['train_peak_mb']:.2f}x" if "train_peak_mb" in peer and \
+            "train_peak_mb" in s else "-"
         table.append([path, f"{s['sec_per_step']:.2f}", vs(peer, "sec_per_step"), vs(sf, "sec_per_step"), first,
-                      f"{s['peak_mb']:.0f}", mem])
+                      f"{s['peak_mb']:.0f}", mem, f"{s.get('train_peak_mb', float('nan')):.0f}", tmem])
     print_table(["path", "s/step", "speed vs peer", "speed vs salesforce", "first pass vs peer", "peak MB",
-                 "memory vs peer"], table)
+                 "memory vs peer", "training peak MB", "training memory vs peer"], table)
     out = {"size": args.size, "latent": args.latent, "batch": args.batch, "rank": args.rank, "device": device,
            "overrides": args.overrides,
            "total_s": round(time.perf_counter() - t_all, 1), "paths": summary}
@@ -481,6 +514,8 @@ def main():
             out[f"speed_ratio_vs_peer_per_repeat{suffix}"] = [round(r, 3) for r in ratios]
             out[f"speed_verdict{suffix}"] = verdict(ratios)
             out[f"memory_ratio_vs_peer{suffix}"] = round(s["peak_mb"] / peer["peak_mb"], 3)
+            if "train_peak_mb" in s and "train_peak_mb" in peer:
+                out[f"train_memory_ratio_vs_peer{suffix}"] = round(s["train_peak_mb"] / peer["train_peak_mb"], 3)
             out[f"first_pass_ratio_vs_peer{suffix}"] = round(peer["sec_per_step"] / s["first_pass_sec_per_step"], 3)
         if "sec_per_step" in sf:
             out[f"speed_ratio_vs_salesforce{suffix}"] = round(sf["sec_per_step"] / s["sec_per_step"], 3)

@@ -7,8 +7,9 @@
 # One JSON file: {check name: the JSON line its benchmark printed, or {"error": ..., "rc": ...}}. A check that
 # fails or runs past its time limit is recorded and the next one runs -- nothing already measured is lost.
 # Checks: Diffusion-DPO LoRA step vs the diffusers script's (SDXL config, 1024 px) at 1 and 4 pairs; xformers
-# and torch.compile as one-at-a-time levers against the peer; the online loop (rollouts vs the diffusers
-# pipeline, each method's training step). Not yet here: layer-wise-cast memory (#27 item 3, not implemented).
+# and torch.compile as one-at-a-time levers against the peer; the frozen UNet stored in fp8 and upcast per layer
+# (model.storage_dtype, memory against the peer); the online loop (rollouts vs the diffusers pipeline, each
+# method's training step). Not yet here: the stored-weights memory of SD3.5-M / FLUX.1-dev themselves.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -52,6 +53,8 @@ else
   echo '{"skipped": "xformers is not installed (pip install -e \".[gpu]\")"}' > "$TMP/xformers.json"
 fi
 check compile python scripts/bench_diffusion_dpo.py "${DPO[@]}" --paths peer,mmalign --overrides model.compile=true
+check storage_fp8 python scripts/bench_diffusion_dpo.py "${DPO[@]}" --paths peer,mmalign \
+  --overrides model.storage_dtype=float8_e4m3fn
 check online python scripts/bench_online.py "${ONLINE[@]}"
 
 python - "$TMP" "$OUT" "$DRY" <<'EOF'

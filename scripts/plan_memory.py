@@ -8,7 +8,8 @@ Method (an estimate, never a measurement):
 * FLOPs: ``torch.utils.flop_counter`` on a fake-tensor forward of the denoiser for one pair (2 images, winner
   and loser); attention counted as 4 B H L S D. A LoRA step = policy forward + backward (input gradients only
   through frozen weights: ~1x forward) + the reference forward (adapters off) = ~3x forward FLOPs.
-* memory: frozen weights in bf16 (denoiser; VAE and text encoders too unless ``--cache``, the latent + text
+* memory: frozen weights in bf16 (denoiser -- or fp8 with ``--storage fp8``, ``model.storage_dtype``; VAE and
+  text encoders too unless ``--cache``, the latent + text
   cache mmalign's LoRA configs use) + LoRA weights, gradients and AdamW states in fp32 + the tensors saved for
   backward in bf16, counted with ``saved_tensors_hooks`` during the fake forward (deduplicated by storage;
   attention saves q, k, v, out and the log-sum-exp, as flash / memory-efficient SDPA kernels do). With
@@ -27,6 +28,7 @@ plus the rollout: T sampler steps x 2F per image with CFG (x F without). Rollout
 
     python scripts/plan_memory.py [--models sd15 sdxl sd35 flux --resolutions 512 1024 --rank 8]
     python scripts/plan_memory.py --models sd35 flux --methods grpo nft --rank 32
+    python scripts/plan_memory.py --models flux --resolutions 1024 --storage fp8   # FLUX.1-dev on a 24 GB card?
 """
 from __future__ import annotations
 
@@ -201,11 +203,17 @@ def unit(method: str, model: str) -> tuple[int, int]:
     return images, forwards
 
 
-def estimate(p: dict, cache: bool, ckpt: bool, method: str = "dpo", reward_params: float = 0.0) -> float:
+STORAGE_BYTES = {"bf16": 2, "fp8": 1}
+
+
+def estimate(p: dict, cache: bool, ckpt: bool, method: str = "dpo", reward_params: float = 0.0,
+             storage: str = "bf16") -> float:
+    """``storage``: bytes per frozen denoiser weight (``model.storage_dtype``: fp8 = float8_e4m3fn, upcast per
+    layer to bf16; the one layer's upcast copy at a time is not counted, nor the norms kept in bf16)."""
     images, _ = unit(method, p["model"])
     online = method != "dpo"
-    frozen = 2 * (p["denoiser_params"] + (0 if cache and not online else p["vae_params"] + p["text_params"])
-                  + (reward_params if online else 0))
+    frozen = STORAGE_BYTES[storage] * p["denoiser_params"] + 2 * (
+        (0 if cache and not online else p["vae_params"] + p["text_params"]) + (reward_params if online else 0))
     trainable = 16 * p["lora_params"]  # fp32 weights + grads + two AdamW states
     acts = (p["activations_ckpt_gb"] if ckpt else p["activations_gb"]) * GB * images / 2  # profiled for 2 images
     return 1.1 * (frozen + trainable + acts) / GB
@@ -217,6 +225,8 @@ def main():
     ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--no-cache", action="store_true", help="VAE and text encoders stay on the GPU (no latent cache)")
+    ap.add_argument("--storage", choices=sorted(STORAGE_BYTES), default="bf16",
+                    help="frozen denoiser weights: bf16, or fp8 stored and upcast per layer (model.storage_dtype)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--methods", nargs="+", default=["dpo"], choices=sorted(METHODS))
     ap.add_argument("--reward-params", type=float, default=0.99e9, help="online methods: the trained reward model's "
@@ -231,18 +241,19 @@ def main():
             p = profile(m, r, args.rank)
             f_img = p["fwd_tflops_pair"] / 2
             for method in args.methods:
-                a = estimate(p, not args.no_cache, False, method, args.reward_params)
-                b = estimate(p, not args.no_cache, True, method, args.reward_params)
+                a = estimate(p, not args.no_cache, False, method, args.reward_params, args.storage)
+                b = estimate(p, not args.no_cache, True, method, args.reward_params, args.storage)
                 cost = unit(method, m)[1] * f_img
                 cfg_mult = 1 if method in ("nft", "awm") or m in UNGUIDED else 2
                 roll = args.sample_steps * cfg_mult * f_img if method != "dpo" else 0.0
                 out.append({**p, "method": method, "peak_gb": a, "peak_ckpt_gb": b, "unit_tflops": cost,
-                            "rollout_tflops_per_image": roll})
+                            "rollout_tflops_per_image": roll, "storage": args.storage})
                 rows.append([m, r, method, f"{p['denoiser_params'] / 1e9:.2f}B", f"{p['lora_params'] / 1e6:.1f}M",
                              f"{(p['vae_params'] + p['text_params']) / 1e9:.2f}B", f"{cost:.1f}",
                              f"{roll:.1f}" if roll else "-", f"{a:.1f}", f"{b:.1f}"])
     print(f"ESTIMATES (no GPU used): LoRA r={args.rank}, one trained unit per GPU (a pair for DPO, a guided step for "
-          f"GRPO, an image for NFT / AWM), bf16 frozen weights; offline DPO "
+          f"GRPO, an image for NFT / AWM), frozen denoiser weights stored in {args.storage}"
+          f"{' (upcast per layer to bf16)' if args.storage == 'fp8' else ''}, other frozen weights bf16; offline DPO "
           f"{'with VAE + text encoders on the GPU' if args.no_cache else 'on the latent + text cache'}, online methods "
           f"with VAE, text encoders and a {args.reward_params / 1e9:.2f}B reward on the GPU; rollouts of "
           f"{args.sample_steps} steps")

@@ -89,8 +89,9 @@ def test_gpu_check_dry_run_runs_its_whole_plan_on_cpu(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert res["_meta"]["dry_run"] is True
-    assert {"dpo_1pair", "dpo_4pairs", "xformers", "compile", "online"} <= set(res)
+    assert {"dpo_1pair", "dpo_4pairs", "xformers", "compile", "storage_fp8", "online"} <= set(res)
     for k in ("dpo_1pair", "dpo_4pairs"):
         assert res[k]["speed_ratio_vs_peer"] > 0 and res[k]["batch"] == (1 if k == "dpo_1pair" else 4), res[k]
     assert "rollout_ratio_vs_pipeline" in json.dumps(res["online"]), res["online"]
     assert "error" not in res["compile"], res["compile"]
+    assert "error" not in res["storage_fp8"] and res["storage_fp8"]["memory_ratio_vs_peer"] > 0, res["storage_fp8"]

@@ -23,6 +23,7 @@ from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.online import DiffusionRounds
 from mmalign.diffusion.rl import RL_KINDS
+from mmalign.diffusion.storage import STORAGE_DTYPES, store_frozen
 from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.diffusion.validation import Validator, reward_scorer, sample_images
@@ -109,6 +110,8 @@ class DiffusionRecipe(RecipeBase):
             for p in unet.parameters():  # trainable LoRA weights stay fp32
                 if p.requires_grad:
                     p.data = p.data.float()
+            if cfg.model.storage_dtype is not None:  # frozen base below the compute precision, upcast per layer
+                store_frozen(unet, STORAGE_DTYPES[cfg.model.storage_dtype], self.dtype)
         else:
             unet.requires_grad_(True)
         self.user_emb: dict = {}

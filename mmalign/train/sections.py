@@ -402,6 +402,16 @@ class DiffusionModelSection(PolicySource):
     """dtype of every frozen weight -- VAE, text encoders, the reference copy and, under LoRA, the base
     UNet/transformer (LoRA weights stay fp32, as in the diffusers scripts); auto = bf16 / fp16 with
     train.mixed_precision bf16 / fp16, else fp32"""
+    storage_dtype: Optional[Literal["bfloat16", "float16", "float8_e4m3fn"]] = None
+    """LoRA only: store the frozen Linear / Conv2d weights of the UNet/transformer in this dtype and upcast each
+    layer to model.frozen_dtype just for its forward and backward (layer-wise casting that works with gradient
+    checkpointing, mmalign.diffusion.storage); null = store them in model.frozen_dtype"""
+
+    def validate(self):
+        super().validate()
+        if self.storage_dtype is not None and self.lora is None:
+            raise ConfigError("model.storage_dtype needs model.lora (a full fine-tune has no frozen denoiser weights "
+                              "to store low)")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,146 @@
+"""Frozen weights stored below the compute precision (layer-wise casting), safe under LoRA and gradient
+checkpointing.
+
+``store_frozen(module, torch.bfloat16)`` keeps every frozen ``nn.Linear`` / ``nn.Conv2d`` weight of ``module`` in
+the storage dtype -- bf16, fp16, or fp8 (``float8_e4m3fn``, with a scale per output channel) -- and runs each of those layers in the compute
+dtype: the layer's forward upcasts its weight just for that call, and its backward upcasts it again to give the
+input's gradient. Nothing in compute precision is kept between the two, so the frozen base costs its storage
+bytes (half of fp32 for bf16, a quarter for fp8) plus one layer's upcast copy at a time. Trainable parameters
+(the LoRA matrices) are not touched and stay fp32.
+
+Why not diffusers' ``enable_layerwise_casting``: its hook casts a layer's weights to the compute dtype in place
+before the layer's forward and back to the storage dtype after it (``module.to``). Without checkpointing that
+trains correctly (autograd keeps the compute-dtype tensor it saved; ``tests/test_storage.py`` checks it equals
+the rounded fp32 model). Under gradient checkpointing (non-reentrant, as diffusers enables it) the recompute's
+saved weights are the layer's parameters themselves, which the after-forward cast has turned back to the storage
+dtype by the time they are checked and used: torch refuses with a ``CheckpointError`` (saved float32, recomputed
+bfloat16, naming the conv weights). Here the upcast copy is a new tensor made inside a custom autograd function
+that saves only the stored weight, so the forward, a recompute and the backward all see what they expect.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8_e4m3fn": torch.float8_e4m3fn}
+
+
+def upcast(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a stored layer computes with: the stored values in ``dtype``, times the per-output-channel
+    scale for fp8 storage."""
+    w = weight.to(dtype)
+    return w if scale is None else w * scale.to(dtype)
+
+
+def quantise(weight: torch.Tensor, storage: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``weight`` in ``storage``: a plain cast for 16-bit dtypes; for fp8 (e4m3: 3 mantissa bits, largest 448) a
+    scale per output channel, absmax / 448, so each row uses the format's full range -- a plain cast would flush
+    every |w| < 2^-9 (about 0.002, common in large models' weights) to zero or to a coarse subnormal."""
+    if storage.itemsize != 1:
+        return weight.to(storage), None
+    dims = tuple(range(1, weight.dim()))
+    scale = weight.float().abs().amax(dim=dims, keepdim=True).clamp_min(1e-30) / torch.finfo(storage).max
+    return (weight.float() / scale).to(storage), scale
+
+
+class _StoredLinear(torch.autograd.Function):
+    """y = x W^T + b with W stored low and upcast to ``dtype`` for this call only; W is frozen, so the backward
+    gives only dL/dx = dL/dy W (W upcast again)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, dtype):
+        ctx.save_for_backward(weight, scale)
+        return F.linear(x, upcast(weight, scale, dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        gx = grad @ upcast(weight, scale, grad.dtype) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None, None
+
+
+class _StoredConv2d(torch.autograd.Function):
+    """A frozen conv2d (zero padding) with its weight stored low; the backward is aten's ``convolution_backward``
+    for the input only (``torch.nn.grad.conv2d_input``, what autograd runs for a conv whose weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, dtype, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight, scale)
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, upcast(weight, scale, dtype), None if bias is None else bias.to(dtype), stride, padding,
+                        dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conf
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(shape, upcast(weight, scale, grad.dtype), grad, stride, padding, dilation,
+                                            groups)
+        return (gx,) + (None,) * 8
+
+
+def _linear_forward(self, x):
+    return _StoredLinear.apply(x.to(self.compute_dtype), self.weight, self.weight_scale, self.bias, self.compute_dtype)
+
+
+def _conv_forward(self, x):
+    return _StoredConv2d.apply(x.to(self.compute_dtype), self.weight, self.weight_scale, self.bias, self.compute_dtype,
+                               self.stride, self.padding, self.dilation, self.groups)
+
+
+def _eligible(mod: nn.Module) -> bool:
+    params = [p for p in (mod.weight, mod.bias) if p is not None]
+    if any(p.requires_grad for p in params):  # trainable (a full fine-tune, a LoRA matrix): left alone
+        return False
+    if isinstance(mod, nn.Conv2d):
+        return mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+    return type(mod) is nn.Linear
+
+
+def store_frozen(module: nn.Module, storage: torch.dtype, compute: torch.dtype = torch.float32) -> int:
+    """Store the frozen Linear / Conv2d weights of ``module`` in ``storage`` (``quantise``) and compute them in
+    ``compute`` (module docstring). Call after the adapters are added and ``requires_grad`` is set. Returns how
+    many weights (elements) it stored low. Biases, norms and embeddings stay as they are: they are small."""
+    n = 0
+    for mod in module.modules():
+        if type(mod) not in (nn.Linear, nn.Conv2d) or not _eligible(mod):
+            continue
+        stored, scale = quantise(mod.weight.data, storage)
+        mod.weight.data = stored
+        mod.register_buffer("weight_scale", scale, persistent=False)  # None for 16-bit storage
+        n += stored.numel()
+        mod.compute_dtype = compute
+        mod.forward = types.MethodType(_linear_forward if isinstance(mod, nn.Linear) else _conv_forward, mod)
+    _own_memory(module, storage)
+    _report_compute_dtype(module, compute)
+    return n
+
+
+def _own_memory(module: nn.Module, storage: torch.dtype):
+    """Copy the tensors left as they were (norms, embeddings: a few MB) into memory of their own. Weights loaded
+    from a safetensors file live in one memory mapping of the whole file: one of them left alive keeps every
+    page of the file read so far resident -- measured: the fp32 file (3.3 GB, SD1.5) stayed resident
+    beside its 1.6 GB bf16 copy."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.dtype != storage:  # each a slice of the file's mapping, which lives while any slice does
+            t.data = t.data.clone()
+
+
+def _report_compute_dtype(module: nn.Module, compute: torch.dtype):
+    """diffusers models report the dtype of their first floating parameter (``model.dtype``), which pipelines
+    cast their inputs to; with the weights stored low that would be the storage dtype. Report the compute dtype
+    instead, from a subclass made once per model class (the class name, and so the saved config, are unchanged)."""
+    module._mmalign_compute_dtype = compute
+    cls = type(module)
+    if isinstance(getattr(cls, "dtype", None), property) and not getattr(cls, "_mmalign_stored", False):
+        module.__class__ = _STORED_CLASSES.setdefault(cls, type(cls.__name__, (cls,), {
+            "_mmalign_stored": True, "__module__": cls.__module__,
+            "dtype": property(lambda self: self._mmalign_compute_dtype)}))
+
+
+_STORED_CLASSES: dict[type, type] = {}

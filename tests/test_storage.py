@@ -1,0 +1,142 @@
+"""Frozen weights stored below the compute precision (mmalign.diffusion.storage), with LoRA and gradient
+checkpointing: the same numbers as a model whose frozen weights are the stored values held in fp32."""
+import pytest
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from mmalign.config import ConfigError
+from mmalign.diffusion.models import tiny_components
+from mmalign.diffusion.storage import STORAGE_DTYPES, quantise, store_frozen, upcast
+from mmalign.train.sections import load_config
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def lora_unet():
+    torch.manual_seed(0)
+    unet = tiny_components("sd", seed=0, sample_size=8).unet
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=TARGETS))
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:  # B = 0 at init would leave A without a gradient
+            p.data.normal_(0, 0.02)
+    return unet.train()
+
+
+def rounded_in_fp32(unet, dtype):
+    """The reference: every frozen Linear / Conv2d weight replaced by its stored value, kept in fp32."""
+    for m in unet.modules():
+        if type(m) in (nn.Linear, nn.Conv2d) and not m.weight.requires_grad:
+            m.weight.data = upcast(*quantise(m.weight.data, dtype), torch.float32)
+    return unet
+
+
+def loss_and_grads(unet):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True)
+    cond = torch.randn(2, 4, unet.config.cross_attention_dim, generator=g)
+    loss = unet(x, torch.tensor([10, 500]), encoder_hidden_states=cond).sample.square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+    return loss.detach(), x.grad, grads
+
+
+def frozen_bytes(unet):
+    return sum(p.numel() * p.element_size() for p in unet.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("name", list(STORAGE_DTYPES))
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stored_weights_give_the_numbers_of_the_rounded_fp32_model(name, checkpointing):
+    """Loss, the input's gradient and every LoRA gradient equal those of the fp32 model holding the rounded
+    weights (no checkpointing there), to fp32 round-off (rtol 1e-5: the upcast happens per call, the kernels
+    are the same); with checkpointing the recompute upcasts again and gives the same."""
+    dtype = STORAGE_DTYPES[name]
+    ref = loss_and_grads(rounded_in_fp32(lora_unet(), dtype))
+    unet = lora_unet()
+    before = frozen_bytes(unet)
+    n = store_frozen(unet, dtype)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    got = loss_and_grads(unet)
+    assert n > 0.9 * sum(p.numel() for p in unet.parameters() if not p.requires_grad)  # biases, norms stay
+    assert frozen_bytes(unet) < (0.55 if dtype.itemsize == 2 else 0.3) * before
+    assert unet.dtype == torch.float32  # pipelines cast their inputs to model.dtype: the compute dtype
+    assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-9)
+    assert got[2].keys() == ref[2].keys() and len(got[2]) > 0
+    for k in ref[2]:
+        torch.testing.assert_close(got[2][k], ref[2][k], rtol=1e-5, atol=1e-9)
+
+
+def test_quantise_hand_values_and_the_fp8_error_bound():
+    w = torch.tensor([[1.0, -0.5, 2.0 ** -12], [3e-4, -6e-4, 0.0]])
+    q, s = quantise(w, torch.bfloat16)
+    assert s is None and q.dtype == torch.bfloat16 and torch.equal(q.float()[0], w[0])  # exact in bf16
+    q, s = quantise(w, torch.float8_e4m3fn)
+    torch.testing.assert_close(s.flatten(), torch.tensor([1.0, 6e-4]) / 448)  # absmax per row / 448
+    back = upcast(q, s, torch.float32)
+    assert back[0, 0] == 1.0 and back[0, 1] == -0.5 and back[1, 1] == -6e-4  # the row's max is exact
+    # e4m3 keeps 3 mantissa bits: rounding error <= 2^-4 relative for normal numbers, + half a subnormal step
+    w = torch.randn(64, 256) * torch.logspace(-4, 0, 64)[:, None]
+    q, s = quantise(w, torch.float8_e4m3fn)
+    err = (upcast(q, s, torch.float32) - w).abs()
+    assert torch.all(err <= 2 ** -4 * w.abs() + s * 2 ** -10 + 1e-12)
+    plain = (w.to(torch.float8_e4m3fn).float() - w).abs()  # what a plain cast (diffusers' hook) keeps
+    assert err[:8].mean() < 0.1 * plain[:8].mean()  # rows of |w| ~ 1e-4: the scale keeps them
+
+
+def test_diffusers_layerwise_casting_trains_only_without_checkpointing():
+    """Why mmalign has its own: diffusers' hook casts weights back to storage in place after each forward.
+    Without checkpointing its numbers are right; under checkpointing torch refuses the recompute (the saved
+    weights changed dtype). If the second half starts to pass, the diffusers hook works and ours can go."""
+    from torch.utils.checkpoint import CheckpointError
+
+    ref = loss_and_grads(rounded_in_fp32(lora_unet(), torch.bfloat16))
+    unet = lora_unet()
+    unet.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    got = loss_and_grads(unet)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=0)  # it also rounds biases: not bit-equal
+    unet = lora_unet()
+    unet.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    unet.enable_gradient_checkpointing()
+    with pytest.raises(CheckpointError, match="different metadata"):
+        loss_and_grads(unet)
+
+
+def cfg(tmp_path, *ov):
+    return load_config("configs/tiny/diffusion_dpo.yaml", [
+        f"train.output_dir={tmp_path}", "train.progress=false", "validation.prompts=[]", "train.eval_every=0",
+        "train.max_steps=3", "train.log_every=1", *ov])
+
+
+def test_storage_dtype_needs_lora(tmp_path):
+    with pytest.raises(ConfigError, match="model.storage_dtype needs model.lora"):
+        cfg(tmp_path, "model.lora=null", "model.storage_dtype=bfloat16")
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3", "flux"])
+def test_training_with_bf16_storage_and_checkpointing_equals_the_rounded_fp32_run(tmp_path, kind):
+    """Three DPO steps (LoRA, every family) with the frozen base stored in bf16 and gradient checkpointing on
+    follow the run of the fp32 base holding the same rounded values, checkpointing off: the same losses (rtol
+    1e-5). (Against the unrounded fp32 base they differ by ~1 % at beta 5000: the rounding, not the mechanism.)"""
+    from mmalign.train.diffusion import run
+
+    def comp():
+        return tiny_components(kind, seed=0, sample_size=16)
+
+    rounded = comp()
+    rounded_in_fp32(rounded.denoiser.requires_grad_(False), torch.bfloat16)
+    common = [f"model.kind={kind}", "train.batch_size=2"]
+    a = run(cfg(tmp_path / "fp32", *common), components=rounded)
+    b = run(cfg(tmp_path / "bf16", *common, "model.storage_dtype=bfloat16", "model.gradient_checkpointing=true"),
+            components=comp())
+    la = [h["train/loss"] for h in a.history]
+    lb = [h["train/loss"] for h in b.history]
+    assert len(la) == len(lb) == 3 and la[0] != la[-1]
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=0)
+    assert b.recipe.unet.dtype == torch.float32
+    assert any(p.dtype == torch.bfloat16 for p in b.recipe.unet.parameters())
+    assert (tmp_path / "bf16" / "final" / "pytorch_lora_weights.safetensors").exists()
