@@ -38,6 +38,7 @@ spread, not the median, is the result.
     python scripts/bench_diffusion_dpo.py --latent 32 --steps 5 --repeats 1
     python scripts/bench_diffusion_dpo.py --size sdxl --latent 128 --batch 4  # GPU, 1024 px
     python scripts/bench_diffusion_dpo.py --profile mmalign                 # torch.profiler top ops of one step
+    python scripts/bench_diffusion_dpo.py --ops --size sdxl_layout --latent 8   # dispatched ops per step vs the peer
     python scripts/bench_diffusion_dpo.py --paths peer,mmalign --overrides model.channels_last=true   # a lever
 """
 from __future__ import annotations
@@ -79,17 +80,27 @@ SIZES = {
                  addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816),
 }
+# SDXL's layout (blocks, transformer depths 1/2/10, heads, two text encoders of 12 and 32 layers) at 1/8 of its
+# widths: the same operations per step at a fraction of the arithmetic -- for counting dispatched ops on CPU
+SIZES["sdxl_layout"] = dict(SIZES["sdxl"], block_out_channels=(40, 80, 160), cross_attention_dim=256,
+                            norm_num_groups=8, projection_class_embeddings_input_dim=256 * 6 + 160)
 TEXT = {  # CLIP text encoders of the real models
     "tiny": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
     "sd15": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
     "sdxl2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                   projection_dim=1280, hidden_act="gelu"),
+    "sdxl_layout": dict(hidden_size=96, intermediate_size=384, num_hidden_layers=12, num_attention_heads=12,
+                        projection_dim=96),
+    "sdxl_layout2": dict(hidden_size=160, intermediate_size=640, num_hidden_layers=32, num_attention_heads=20,
+                         projection_dim=160, hidden_act="gelu"),
 }
 VAE = {"tiny": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32),
        "sd15": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32)}
 VAE["sdxl"] = VAE["sd15"]
+VAE["sdxl_layout"] = dict(VAE["sd15"], block_out_channels=(16, 32, 64, 64), norm_num_groups=8)
+XL = ("sdxl", "sdxl_layout")  # sizes with SDXL's two text encoders and micro-conditioning
 
 
 def components(size: str, latent: int, model_dir: str | None = None):
@@ -106,13 +117,13 @@ def components(size: str, latent: int, model_dir: str | None = None):
     tok.model_max_length = 77
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                           clip_sample=False)
-    kind = "sdxl" if size == "sdxl" else "sd"
+    kind = "sdxl" if size in XL else "sd"
     if model_dir and (Path(model_dir) / "unet").exists():
         d = Path(model_dir)
         comp = Components(kind, UNet2DConditionModel.from_pretrained(d / "unet"),
                           AutoencoderKL.from_pretrained(d / "vae"), CLIPTextModel.from_pretrained(d / "text_encoder"),
                           tok, sched)
-        if size == "sdxl":
+        if size in XL:
             comp.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(d / "text_encoder_2")
             comp.tokenizer_2 = tok
         return comp
@@ -123,10 +134,10 @@ def components(size: str, latent: int, model_dir: str | None = None):
 
     unet = UNet2DConditionModel(sample_size=latent, **SIZES[size])
     vae = AutoencoderKL(latent_channels=4, **VAE[size])
-    te = CLIPTextModel(te_cfg("sd15" if size == "sdxl" else size))
+    te = CLIPTextModel(te_cfg({"sdxl": "sd15"}.get(size, size)))
     comp = Components(kind, unet, vae, te, tok, sched)
-    if size == "sdxl":
-        comp.text_encoder_2 = CLIPTextModelWithProjection(te_cfg("sdxl2"))
+    if size in XL:
+        comp.text_encoder_2 = CLIPTextModelWithProjection(te_cfg(size + "2" if size != "sdxl" else "sdxl2"))
         comp.tokenizer_2 = tok
     if model_dir:  # a diffusers pipeline folder, as users download it
         from mmalign.diffusion.models import save_components
@@ -297,7 +308,7 @@ def mmalign_config(args, precomputed: bool):
 
     cuda = torch.cuda.is_available()
     work = Path(args.work)
-    over = [f"model.name_or_path={args.model_dir}", f"model.kind={'sdxl' if args.size == 'sdxl' else 'sd'}",
+    over = [f"model.name_or_path={args.model_dir}", f"model.kind={'sdxl' if args.size in XL else 'sd'}",
             f"data.train={args.data}", "data.eval=null", f"data.cache_dir={work.parent / 'cache'}",
             f"data.resolution={image_px(args.size, args.latent)}", f"model.lora.r={args.rank}",
             f"model.lora.alpha={args.rank}", f"train.output_dir={work / 'run'}", f"train.max_steps={args.steps + 1}",
@@ -310,9 +321,9 @@ def mmalign_config(args, precomputed: bool):
     if precomputed:
         over += ["model.reference=precomputed", "data.noise_draws=1"]
     over += args.overrides  # --overrides: measure a lever, e.g. model.channels_last=true
-    if args.size == "sdxl":
+    if args.size in XL:
         over.append("model.vae=null")  # the config's fp16-fix VAE is a hub id; the bench model has its own
-    name = "sdxl" if args.size == "sdxl" else "sd15"
+    name = "sdxl" if args.size in XL else "sd15"
     return load_config(ROOT / f"configs/{name}/diffusion_dpo_lora.yaml", over)
 
 
@@ -358,6 +369,21 @@ def profile(args) -> None:
          "mmalign_precomputed": lambda: run_mmalign(args, True, p.step)}[args.profile]()
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(p.key_averages().table(sort_by=key, row_limit=15))
+    ops = sorted(((e.key, e.count) for e in p.key_averages() if e.key.startswith("aten::")), key=lambda x: -x[1])
+    print("OPS " + json.dumps({"path": args.profile, "aten_ops": sum(c for _, c in ops), "top": ops[:12]}))
+
+
+def count_ops(args) -> dict:
+    """Dispatched aten ops of one warmed step of the peer and of mmalign (``--profile`` of each in its own
+    process; every aten op the profiler records, nested ones included): the host-side work a GPU step waits on."""
+    res = {}
+    for path in ("peer", "mmalign"):
+        cmd = [sys.executable, __file__, "--profile", path, "--size", args.size, "--latent", str(args.latent),
+               "--batch", str(args.batch), "--rank", str(args.rank), "--overrides", *args.overrides]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+        line = [x for x in r.stdout.splitlines() if x.startswith("OPS ")]
+        res[path] = json.loads(line[-1][4:]) if line else {"error": r.stderr[-1500:]}
+    return res
 
 
 def paired_ratios(peer_runs: list[dict], our_runs: list[dict]) -> list[float]:
@@ -407,6 +433,8 @@ def main():
     ap.add_argument("--overrides", nargs="*", default=[],
                     help="config overrides for the mmalign paths (e.g. model.channels_last=true)")
     ap.add_argument("--profile", choices=PATHS, help="profile one step of this path instead")
+    ap.add_argument("--ops", action="store_true", help="count the dispatched aten ops of one step, peer vs mmalign "
+                    "(e.g. --size sdxl_layout --latent 8), instead of timing")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -419,6 +447,23 @@ def main():
         return None
     if args.path:
         return child(args)
+    if args.ops:
+        from mmalign.utils import print_table
+
+        res = count_ops(args)
+        rows = [[k, v.get("aten_ops", "failed"), ", ".join(f"{n} {c}" for n, c in v.get("top", [])[:5])]
+                for k, v in res.items()]
+        print(f"\ndispatched aten ops of one warmed step, {args.size} layout, {args.batch} pair(s), rank {args.rank}")
+        print_table(["path", "aten ops", "most frequent"], rows)
+        out = {"size": args.size, "latent": args.latent, "batch": args.batch, "overrides": args.overrides,
+               "ops": {k: v.get("aten_ops") for k, v in res.items()}}
+        if all("aten_ops" in v for v in res.values()):
+            out["ops_ratio_vs_peer"] = round(res["mmalign"]["aten_ops"] / res["peer"]["aten_ops"], 3)
+        for k, v in res.items():
+            if "error" in v:
+                print(f"{k} failed:\n{v['error']}")
+        print("JSON " + json.dumps(out))
+        return None
     from mmalign.diffusion.data import write_pickapic_parquet
     from mmalign.toyworld.world import synthetic_pairs
     from mmalign.utils import print_table

@@ -12,6 +12,8 @@ rounding is exercised). The official packages are test-only dependencies, instal
               and scoring steps
 * aesthetic   ``simple-aesthetics-predictor`` 0.1.2 (the LAION improved-aesthetic-predictor MLP on
               CLIPVisionModelWithProjection); the original repository is not a package
+* VQAScore    ``t2v-metrics`` 3.0, its transformers-based PaliGemma judge (the package's __init__ needs ffmpeg
+              and pins torch 2.5 / transformers 4.49: ``t2v_paligemma`` loads the judge's own file)
 """
 from __future__ import annotations
 
@@ -207,3 +209,51 @@ def test_aesthetic_matches_simple_aesthetics_predictor(tiny_clip_dir):
         theirs = official(pixel_values=proc(images=ims, return_tensors="pt").pixel_values).logits.squeeze(-1)
     ours.backbone.image_processor = proc.image_processor  # the model's processor, as a hub checkpoint brings
     torch.testing.assert_close(ours.score(ims), theirs, rtol=1e-5, atol=1e-5)
+
+
+def t2v_paligemma(monkeypatch):
+    """t2v-metrics' PaliGemma VQAScore judge, from the installed package's own file. The package cannot be
+    imported here: its ``__init__`` requires the ffmpeg binary and imports every judge (pinned to torch 2.5 and
+    transformers 4.49), so its parent packages and the two imports this file needs besides transformers (decord,
+    for video only, and the ``VQAScoreModel`` base, an abstract interface) are stood in for; its scoring code
+    (``PaliGemmaModel.forward``: processor, ``generate`` with ``output_scores``, softmax, answer token) runs as is."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("t2v_metrics")  # finds without running the package's __init__
+    if spec is None:
+        need("t2v_metrics")  # skips, or fails under MMALIGN_REQUIRE_FIDELITY=1
+    pkg = Path(spec.submodule_search_locations[0])
+    for name, path in (("t2v_metrics", pkg), ("t2v_metrics.models", pkg / "models"),
+                       ("t2v_metrics.models.vqascore_models", pkg / "models" / "vqascore_models")):
+        mod = types.ModuleType(name)
+        mod.__path__ = [str(path)]
+        monkeypatch.setitem(sys.modules, name, mod)
+    base = types.ModuleType("t2v_metrics.models.vqascore_models.vqa_model")
+    base.VQAScoreModel = object
+    monkeypatch.setitem(sys.modules, base.__name__, base)
+    decord = types.ModuleType("decord")
+    decord.VideoReader, decord.cpu = None, None
+    monkeypatch.setitem(sys.modules, "decord", decord)
+    name = "t2v_metrics.models.vqascore_models.paligemma_model"
+    spec = importlib.util.spec_from_file_location(name, pkg / "models" / "vqascore_models" / "paligemma_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_vqascore_matches_t2v_metrics(monkeypatch, tmp_path):
+    """VQAScore on the same tiny PaliGemma: t2v-metrics 3.0's judge vs ours, same images and prompts."""
+    mod = t2v_paligemma(monkeypatch)
+    ours = load_reward("vqascore", tiny=True, device="cpu")
+    theirs = mod.PaliGemmaModel.__new__(mod.PaliGemmaModel)  # its __init__ downloads the 3B checkpoint
+    theirs.model, theirs.processor, theirs.device = ours.backbone.model, ours.backbone.processor, "cpu"
+    ims = images(4)
+    paths = []
+    for i, im in enumerate(ims):
+        im.save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    want = theirs.forward(paths, PROMPTS)
+    torch.testing.assert_close(ours.score(ims, PROMPTS), want.float(), rtol=1e-5, atol=1e-7)

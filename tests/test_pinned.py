@@ -30,6 +30,12 @@ CASES = {
     "vlm": ("configs/tiny/vlm_dpo.yaml", ["data.eval=null"]),
     # round 0 of online DPO on the toy text world; recorded from b06586b, before the rounds moved into one run
     "lm_online_dpo": ("configs/tiny/lm_online_dpo.yaml", ["online.rounds=1", "online.steps_per_round=5"]),
+    # the flow families and the online diffusion driver (rollouts from the trained weights every round), recorded
+    # from b7befee before the house moves of #25
+    "diffusion_sd3": ("configs/tiny/flow_dpo.yaml", ["data.eval=null", "validation.prompts=[]"]),
+    "diffusion_flux": ("configs/tiny/flux_dpo.yaml", ["data.eval=null", "validation.prompts=[]"]),
+    "online_sd": ("configs/tiny/online_sd.yaml", ["online.rounds=5", "online.steps_per_round=1"]),
+    "grpo_flow": ("configs/tiny/grpo_flow.yaml", ["online.rounds=5", "online.steps_per_round=1"]),
 }
 
 PINNED = {
@@ -43,6 +49,10 @@ PINNED = {
     "lm_online_dpo": [0.6931471824645996, 0.686052143573761, 0.6809571981430054, 0.6728935241699219, 0.662109911441803],
     "lm_kto": [0.5, 0.48260730504989624, 0.4716484546661377, 0.5033328533172607, 0.46752315759658813],
     "vlm": [0.6931471824645996, 0.6934254169464111, 0.6919863224029541, 0.6893119812011719, 0.6823698282241821],
+    "diffusion_sd3": [0.6931471824645996, 0.6865929365158081, 0.693228006362915, 0.6374311447143555, 0.6262767314910889],
+    "diffusion_flux": [0.6931471824645996, 0.6928905248641968, 0.6862215995788574, 0.687857985496521, 0.7081534266471863],
+    "online_sd": [0.6931471824645996, 0.6883383989334106, 1.0577497482299805, 0.3398449420928955, 0.5961393117904663],
+    "grpo_flow": [-0.5692062973976135, -0.3421877324581146, 0.09835124760866165, 0.1477300524711609, 0.4038330018520355],
 }
 
 
@@ -59,7 +69,9 @@ def first_losses(name: str, tmp) -> list[float]:
 # Diffusion-DPO at beta 5000 amplifies last-bit differences of the CPU's convolution kernels: the commit these
 # were recorded at gives up to 4.4e-4 relative difference at step 5 on another Xeon (2026-12-04: 0.60412 vs
 # 0.60385). A changed draw or formula moves them by 1e-2 and more (vae_latents mean -> sample: 0.692 -> 0.626).
-RTOL = {"diffusion_sd": 1e-3, "diffusion_sd_mean": 1e-3}
+# The same tolerance for the other diffusion cases, flow, online (rollouts from the trained weights) and GRPO.
+RTOL = {k: 1e-3 for k in ("diffusion_sd", "diffusion_sd_mean", "diffusion_sd3", "diffusion_flux", "online_sd",
+                          "grpo_flow")}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1,5 +1,5 @@
 """Bundled image reward models: ``REWARDS`` registry, ``load_reward``, and ``mmalign score``."""
-from . import imagereward, signals  # noqa: F401  (register "imagereward", "saturation", "brightness")
+from . import imagereward, judge, signals  # noqa: F401  (register "imagereward", "vqascore", "saturation", ...)
 from .models import (
     REWARDS,
     AestheticMLP,
