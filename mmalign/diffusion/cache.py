@@ -181,28 +181,7 @@ def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_
                 continue
             for j in good:
                 ok[lo + j] = 1
-            pix = torch.stack([items[j]["pixels"] for j in good])
-            mean, sd = encode_pixels(pix)
-            enc = {"latents": mean,
-                   "original_size": torch.tensor([items[j]["original_size"] for j in good], dtype=torch.float32),
-                   "crop_top_left": torch.tensor([items[j]["crop_top_left"] for j in good], dtype=torch.float32)}
-            if std:
-                enc["latents_std"] = sd
-            if flips:
-                fm, fs = encode_pixels(pix.flip(-1))
-                enc["latents_flip"] = fm
-                if std:
-                    enc["latents_std_flip"] = fs
-            if encode_text is not None:
-                c = encode_text([items[j]["caption"] for j in good])
-                enc["embeds_w"] = c.embeds
-                if c.pooled is not None:
-                    enc["pooled_w"] = c.pooled
-                if pairs.dual:
-                    c = encode_text([items[j]["caption_rejected"] for j in good])
-                    enc["embeds_l"] = c.embeds
-                    if c.pooled is not None:
-                        enc["pooled_l"] = c.pooled
+            enc = _encode_rows([items[j] for j in good], encode_pixels, encode_text, flips, std, pairs.dual)
             for key, v in enc.items():
                 buf = out.setdefault(key, [None] * len(rows))
                 for jj, j in enumerate(good):
@@ -219,17 +198,52 @@ def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_
     if bar is not None:
         bar.close()
     if encode_text is not None and not (path / "empty.safetensors").exists():
-        c = encode_text([""])
-        empty = {"embeds": c.embeds[0], "pooled": None if c.pooled is None else c.pooled[0], "txt_ids": c.txt_ids}
-        tmp = path / ".empty.safetensors.tmp"
-        save_file({k: v.cpu().to(dtype).contiguous() for k, v in empty.items() if v is not None}, str(tmp))
-        os.replace(tmp, path / "empty.safetensors")
+        _write_empty(path, encode_text, dtype)
+    return _write_report(path, len(pairs), corrupt, n_shards)
+
+
+def _encode_rows(items: list[dict], encode_pixels, encode_text, flips: bool, std: bool, dual: bool) -> dict:
+    """One batch of readable rows encoded: latents (posterior mean; its std with ``std``; both again for the
+    mirrored images with ``flips``), SDXL size / crop conditioning, and the text embeddings of the caption (and of
+    the rejected image's caption for dual-caption data)."""
+    pix = torch.stack([it["pixels"] for it in items])
+    mean, sd = encode_pixels(pix)
+    enc = {"latents": mean,
+           "original_size": torch.tensor([it["original_size"] for it in items], dtype=torch.float32),
+           "crop_top_left": torch.tensor([it["crop_top_left"] for it in items], dtype=torch.float32)}
+    if std:
+        enc["latents_std"] = sd
+    if flips:
+        fm, fs = encode_pixels(pix.flip(-1))
+        enc["latents_flip"] = fm
+        if std:
+            enc["latents_std_flip"] = fs
+    if encode_text is not None:
+        for side, key in (("w", "caption"), ("l", "caption_rejected")) if dual else (("w", "caption"),):
+            c = encode_text([it[key] for it in items])
+            enc[f"embeds_{side}"] = c.embeds
+            if c.pooled is not None:
+                enc[f"pooled_{side}"] = c.pooled
+    return enc
+
+
+def _write_empty(path: Path, encode_text, dtype: torch.dtype):
+    """The empty prompt's embeddings (caption dropout, classifier-free guidance), written atomically."""
+    c = encode_text([""])
+    empty = {"embeds": c.embeds[0], "pooled": None if c.pooled is None else c.pooled[0], "txt_ids": c.txt_ids}
+    tmp = path / ".empty.safetensors.tmp"
+    save_file({k: v.cpu().to(dtype).contiguous() for k, v in empty.items() if v is not None}, str(tmp))
+    os.replace(tmp, path / "empty.safetensors")
+
+
+def _write_report(path: Path, rows: int, corrupt: list, n_shards: int) -> dict:
+    """report.json: the rows whose images could not be read, over this and earlier (interrupted) builds."""
     report_file = path / "report.json"
     try:
         prev = json.loads(report_file.read_text())["corrupt_rows"] if report_file.exists() else []
     except (ValueError, KeyError):
         prev = []  # a half-written report of an older build: this build's rows are listed again
-    report = {"rows": len(pairs), "corrupt_rows": sorted(set(prev + corrupt)), "shards": n_shards}
+    report = {"rows": rows, "corrupt_rows": sorted(set(prev + corrupt)), "shards": n_shards}
     write_atomic(report_file, json.dumps(report))
     return report
 

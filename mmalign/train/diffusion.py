@@ -94,34 +94,7 @@ class DiffusionRecipe(RecipeBase):
         self.family = family_for(comp, timestep_sampling=f.timestep_sampling, logit_mean=f.logit_mean,
                                  logit_std=f.logit_std, mode_scale=f.mode_scale, guidance=f.guidance,
                                  max_sequence_length=f.max_sequence_length)
-        unet = comp.denoiser
-        set_attention(unet, cfg.model.attention, unet=not self.family.flow)
-        place_frozen(comp.frozen_modules(), dev, self.dtype)
-        if cfg.model.lora is not None:
-            from peft import LoraConfig
-
-            lo = cfg.model.lora
-            unet.requires_grad_(False)
-            if self.dtype != torch.float32:  # frozen base weights in half precision (the diffusers scripts' way)
-                unet.to(dtype=self.dtype)
-            unet.add_adapter(LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                        init_lora_weights="gaussian" if lo.init == "gaussian" else True,
-                                        target_modules=lo.target_modules or list(self.family.lora_targets)))
-            for p in unet.parameters():  # trainable LoRA weights stay fp32
-                if p.requires_grad:
-                    p.data = p.data.float()
-            if cfg.model.storage_dtype is not None:  # frozen base below the compute precision, upcast per layer
-                store_frozen(unet, STORAGE_DTYPES[cfg.model.storage_dtype], self.dtype)
-        else:
-            unet.requires_grad_(True)
-        self.user_emb: dict = {}
-        if cfg.ppd is not None:
-            self._setup_ppd(unet)
-        if cfg.model.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.to(dev)
-        if cfg.model.channels_last and not self.family.flow:
-            unet.to(memory_format=torch.channels_last)
+        unet = self._build_denoiser(comp.denoiser)
         self.unet = self.policy = unet  # unwrapped handle (the UNet or flow transformer)
         self.compiled = torch.compile(unet) if cfg.model.compile else None
         self.model = self.compiled if self.compiled is not None else unet  # (a compiled module has no truth value)
@@ -129,21 +102,8 @@ class DiffusionRecipe(RecipeBase):
         self.inputs = PairInputs(self.family, self.pipe, comp.vae, cfg.data, cfg.train.seed, dev, self.dtype,
                                  ppd_user_tokens(self.user_emb, unet) if cfg.ppd is not None else None)
         if d.cache_dir:
-            self.train_data = self._cached(self.train_data, cache_path(cfg, "train", self.dtype))
-            if self.eval_data is not None:
-                self.eval_data = self._cached(self.eval_data, cache_path(cfg, "eval", self.dtype))
-            if comp.release_frozen():  # cache built: free the VAE / text encoders for the training steps
-                self.pipe = self.inputs.pipe = self.inputs.vae = None
-
-        self.ref_kind = resolve_kind(cfg.model.reference, cfg.model.lora is not None, self.loss_fn.needs_reference)
-        self.reference = Reference(self.ref_kind, unet, mode="policy", dtype=self.dtype,
-                                   offload=cfg.model.reference_offload,
-                                   detach=(lambda m: user_branch(m, False)) if cfg.ppd is not None else None)
-        self.ema = None
-        if cfg.model.ema:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.trainable_parameters(), decay=cfg.model.ema_decay, foreach=True)
+            self._use_cache()
+        self._build_reference()
         self.running = RunningMoments() if "running" in self.loss_fn.uses else None
         if d.label_mode == "soft" and "label_smoothing" in self.hp:
             raise ValueError("data.label_mode=soft sets label_smoothing per pair; remove loss.label_smoothing")
@@ -154,12 +114,80 @@ class DiffusionRecipe(RecipeBase):
             self.online = OnlineRounds(self.rounds_cls(self, cfg), o.rounds, o.steps_per_round,
                                        cfg.train.batch_size * accelerator.num_processes, cfg.train.output_dir,
                                        accelerator, Guard(patience=o.guard), weight_keeper(self))
-        if self.ref_kind == "precomputed":  # kept in data.cache_dir: later runs on the same data reuse it
-            for split, data, k in (("train", self.train_data, d.noise_draws), ("eval", self.eval_data, 1)):
-                if data is not None:
-                    tab = load_or_compute_table(reference_table_path(cfg, split, k),
-                                                lambda: self.precompute(data, split, k), accelerator.is_main_process)
-                    self.reference.store(split, {"mse": tab})
+        if self.ref_kind == "precomputed":
+            self._precompute_reference()
+
+    def _build_denoiser(self, unet):
+        """The trained module, in this order: attention backend; the frozen VAE / text encoders placed; LoRA
+        adapters on a frozen base (``_add_lora``) or every weight trainable; the PPD user branch; gradient
+        checkpointing; device and memory layout."""
+        cfg = self.cfg
+        set_attention(unet, cfg.model.attention, unet=not self.family.flow)
+        place_frozen(self.comp.frozen_modules(), self.acc.device, self.dtype)
+        if cfg.model.lora is not None:
+            self._add_lora(unet)
+        else:
+            unet.requires_grad_(True)
+        self.user_emb: dict = {}
+        if cfg.ppd is not None:
+            self._setup_ppd(unet)
+        if cfg.model.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.to(self.acc.device)
+        if cfg.model.channels_last and not self.family.flow:
+            unet.to(memory_format=torch.channels_last)
+        return unet
+
+    def _add_lora(self, unet):
+        """LoRA adapters (fp32) on the frozen base, which is kept in model.frozen_dtype -- the diffusers scripts'
+        way -- or stored lower still (model.storage_dtype, upcast per layer: mmalign.diffusion.storage)."""
+        from peft import LoraConfig
+
+        lo = self.cfg.model.lora
+        unet.requires_grad_(False)
+        if self.dtype != torch.float32:
+            unet.to(dtype=self.dtype)
+        unet.add_adapter(LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                    init_lora_weights="gaussian" if lo.init == "gaussian" else True,
+                                    target_modules=lo.target_modules or list(self.family.lora_targets)))
+        for p in unet.parameters():  # trainable LoRA weights stay fp32
+            if p.requires_grad:
+                p.data = p.data.float()
+        if self.cfg.model.storage_dtype is not None:
+            store_frozen(unet, STORAGE_DTYPES[self.cfg.model.storage_dtype], self.dtype)
+
+    def _use_cache(self):
+        """Read latents + text embeddings from data.cache_dir (built on first use); once the cache is complete the
+        VAE and text encoders are freed for the training steps."""
+        cfg = self.cfg
+        self.train_data = self._cached(self.train_data, cache_path(cfg, "train", self.dtype))
+        if self.eval_data is not None:
+            self.eval_data = self._cached(self.eval_data, cache_path(cfg, "eval", self.dtype))
+        if self.comp.release_frozen():
+            self.pipe = self.inputs.pipe = self.inputs.vae = None
+
+    def _build_reference(self):
+        """The reference (adapters off, a frozen copy, or precomputed scores; mmalign.models.reference) and the
+        EMA of the trained weights."""
+        cfg = self.cfg
+        self.ref_kind = resolve_kind(cfg.model.reference, cfg.model.lora is not None, self.loss_fn.needs_reference)
+        self.reference = Reference(self.ref_kind, self.unet, mode="policy", dtype=self.dtype,
+                                   offload=cfg.model.reference_offload,
+                                   detach=(lambda m: user_branch(m, False)) if cfg.ppd is not None else None)
+        self.ema = None
+        if cfg.model.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable_parameters(), decay=cfg.model.ema_decay, foreach=True)
+
+    def _precompute_reference(self):
+        """Reference scores of every pair, kept in data.cache_dir: later runs on the same data reuse them."""
+        d = self.cfg.data
+        for split, data, k in (("train", self.train_data, d.noise_draws), ("eval", self.eval_data, 1)):
+            if data is not None:
+                tab = load_or_compute_table(reference_table_path(self.cfg, split, k),
+                                            lambda: self.precompute(data, split, k), self.acc.is_main_process)
+                self.reference.store(split, {"mse": tab})
 
     @property
     def stop(self) -> bool:  # the loop's early-stopping flag (reward-based checkpoint selection)

@@ -280,239 +280,297 @@ def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
 
 def _train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
            on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    acc = accelerator
-    world, rank = acc.num_processes, acc.process_index
-    out_dir = Path(cfg.output_dir)
-    lr = effective_lr(cfg, world)
-    from accelerate.utils import DistributedType
+    run = _Run(recipe, cfg, accelerator, config, on_step)
+    run.prepare()
+    resumed = run.resume()
+    run.open_logs(resumed)
+    if (cfg.eval_every or run.online is not None) and run.step == 0:
+        run.evaluate(0)
+    if cfg.progress and accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
 
-    if acc.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
-        raise ValueError("under DeepSpeed the engine steps inside backward(): use train.grad_accum=1 and set "
-                         "gradient_accumulation_steps in the DeepSpeed config instead")
-    loss_fn = recipe.loss_fn
-    if loss_fn is not None and loss_fn.batch_dependent and world > 1:
-        warnings.warn(f"loss {loss_fn.registry_name!r} is batch-dependent: each of the {world} processes sorts its "
-                      "own shard, so the result differs from one process at the same global batch (as in TRL)")
-    optimizer = build_optimizer(recipe.trainable_parameters(), cfg, lr)
-    scheduler = build_scheduler(optimizer, cfg)
-    model, optimizer = acc.prepare(recipe.trainable_module(), optimizer)
-    recipe.bind(model)
+        run.bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", dynamic_ncols=True)
+    run.t0 = time.time()  # the first record's seconds per step count from here
+    try:
+        with _sigterm_as_interrupt():
+            while run.step < cfg.max_steps and not run.one_step():
+                pass
+    except KeyboardInterrupt:
+        if run.bar is not None:
+            run.bar.close()
+        path = run.save(run.step)
+        accelerator.print(f"\ninterrupted: state of step {run.step} saved to {path}; continue with train.resume=latest")
+        raise
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+    if accelerator.log_with:
+        accelerator.end_training()
+    return run.result
 
-    step, skipped, skipped_rows, read_rows = 0, 0, 0, 0
-    resume = cfg.resume
-    if resume == "auto":
-        resume = "latest" if (ckpt.checkpoint_dir(cfg.output_dir) / "latest").exists() else None
-    if not resume and acc.is_main_process:
-        ckpt.check_fresh(cfg.output_dir)
-    if resume:
+
+class _Run:
+    """The state of one ``train()`` call and its named steps: prepare (engine, optimizer, schedule), resume, the
+    batches of the data or of the current online round, and per optimiser step: read the micro-batches,
+    accumulate their gradients, apply the step or skip it (the NaN policy), then log / evaluate / save."""
+
+    def __init__(self, recipe, cfg: TrainSection, acc, config: dict | None, on_step):
+        self.recipe, self.cfg, self.acc, self.config, self.on_step = recipe, cfg, acc, config, on_step
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.out_dir = Path(cfg.output_dir)
+        self.lr = effective_lr(cfg, self.world)
+        self.online = getattr(recipe, "online", None)  # OnlineRounds: new data every steps_per_round steps
+        self.step = self.skipped = self.skipped_rows = self.read_rows = 0
+        self.batches, self.bar = None, None
+        self.window, self.t0 = MetricSums(), 0.0
+
+    def prepare(self):
+        from accelerate.utils import DistributedType
+
+        cfg, acc, recipe = self.cfg, self.acc, self.recipe
+        if acc.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
+            raise ValueError("under DeepSpeed the engine steps inside backward(): use train.grad_accum=1 and set "
+                             "gradient_accumulation_steps in the DeepSpeed config instead")
+        loss_fn = recipe.loss_fn
+        if loss_fn is not None and loss_fn.batch_dependent and self.world > 1:
+            warnings.warn(f"loss {loss_fn.registry_name!r} is batch-dependent: each of the {self.world} processes "
+                          "sorts its own shard, so the result differs from one process at the same global batch "
+                          "(as in TRL)")
+        optimizer = build_optimizer(recipe.trainable_parameters(), cfg, self.lr)
+        self.scheduler = build_scheduler(optimizer, cfg)
+        self.model, self.optimizer = acc.prepare(recipe.trainable_module(), optimizer)
+        recipe.bind(self.model)
+
+    def resume(self) -> bool:
+        """Load ``train.resume`` (``auto``: the latest checkpoint if any); a fresh run checks its folder."""
+        cfg, acc, recipe = self.cfg, self.acc, self.recipe
+        resume = cfg.resume
+        if resume == "auto":
+            resume = "latest" if (ckpt.checkpoint_dir(cfg.output_dir) / "latest").exists() else None
+        if not resume:
+            if acc.is_main_process:
+                ckpt.check_fresh(cfg.output_dir)
+            return False
         path = ckpt.resolve_checkpoint(cfg.output_dir, resume)
-        loaded = ckpt.load_checkpoint(path, rank)
+        loaded = ckpt.load_checkpoint(path, self.rank)
         if loaded.get("engine_dir"):
             acc.load_state(loaded["engine_dir"])
         else:
             recipe.load_trainable_state(loaded["model"])
-            optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(loaded["state"]["scheduler"])
-        recipe.load_extra_state(loaded["state"].get("recipe", {}))
-        ckpt.set_rng_state(loaded["rng"], loaded["state"].get("rng"))
-        step, skipped = loaded["state"]["step"], loaded["state"].get("skipped_steps", 0)
-        skipped_rows, read_rows = loaded["state"].get("skipped_rows", 0), loaded["state"].get("read_rows", 0)
-        acc.print(f"resumed from {path} at step {step}")
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        state = loaded["state"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        recipe.load_extra_state(state.get("recipe", {}))
+        ckpt.set_rng_state(loaded["rng"], state.get("rng"))
+        self.step, self.skipped = state["step"], state.get("skipped_steps", 0)
+        self.skipped_rows, self.read_rows = state.get("skipped_rows", 0), state.get("read_rows", 0)
+        acc.print(f"resumed from {path} at step {self.step}")
+        if self.online is not None:
+            self.online.load_state_dict(state.get("online"))
+        return True
 
-    online = getattr(recipe, "online", None)  # OnlineRounds: the data changes every steps_per_round steps (mmalign.train.online)
-    if online is not None and resume:
-        online.load_state_dict(loaded["state"].get("online"))
+    def open_logs(self, resumed: bool):
+        cfg, acc, world = self.cfg, self.acc, self.world
+        if self.online is None:
+            self.batches = self.batches_from(self.step)  # online: the round is sampled after step 0's eval
+        if acc.is_main_process:
+            acc.print(f"training {self.recipe.describe()} | lr {self.lr:.3g}{' (scaled)' if cfg.scale_lr else ''} | "
+                      f"global batch {cfg.batch_size * cfg.grad_accum * world} = {cfg.batch_size} x {cfg.grad_accum} "
+                      f"accum x {world} proc{engine_label(acc)} | {cfg.max_steps} steps")
+        if acc.log_with:
+            acc.init_trackers("mmalign", config=_flat_scalars(self.config or {}))
+        at = self.step if resumed else None
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", at, acc.is_main_process)
+        if self.online is not None:
+            self.online.log = MetricsLog(self.out_dir / "online.jsonl", at, acc.is_main_process)
+        self.result = TrainResult(step=self.step, output_dir=str(self.out_dir), skipped_steps=self.skipped)
 
-    def batches_from(at_step: int):
+    def batches_from(self, at_step: int):
         """The batches from ``at_step`` on: the recipe's data (offline), or the data of the round ``at_step`` is
         in (online; round r's epochs are seeded seed + r, its first step is r x steps_per_round)."""
+        cfg, online, recipe = self.cfg, self.online, self.recipe
         r, first = (0, 0) if online is None else (at_step // online.spr, at_step // online.spr * online.spr)
         data = recipe.train_data if online is None else online.data_for(r, at_step)
         if data is None:
             return None
         recipe.train_data = data
-        if len(data) < cfg.batch_size * world:
+        if len(data) < cfg.batch_size * self.world:
             raise DataError(f"the training data has {len(data)} rows, fewer than one global batch (train.batch_size="
-                            f"{cfg.batch_size} x {world} processes): lower train.batch_size or add data")
-        sampler = ResumableBatches(len(data), cfg.batch_size, world, rank, cfg.seed + r,
+                            f"{cfg.batch_size} x {self.world} processes): lower train.batch_size or add data")
+        sampler = ResumableBatches(len(data), cfg.batch_size, self.world, self.rank, cfg.seed + r,
                                    start=(at_step - first) * cfg.grad_accum)
         return iter(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=data.collate,
                                                 num_workers=cfg.num_workers))
 
-    batches = batches_from(step) if online is None else None  # online: the round is sampled after step 0's eval
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        return self.acc.reduce(t.to(self.acc.device), reduction="sum").cpu() if self.world > 1 else t
 
-    if acc.is_main_process:
-        acc.print(f"training {recipe.describe()} | lr {lr:.3g}{' (scaled)' if cfg.scale_lr else ''} | "
-                  f"global batch {cfg.batch_size * cfg.grad_accum * world} = {cfg.batch_size} x {cfg.grad_accum} "
-                  f"accum x {world} proc{engine_label(acc)} | {cfg.max_steps} steps")
-    if acc.log_with:
-        acc.init_trackers("mmalign", config=_flat_scalars(config or {}))
-    metrics = MetricsLog(out_dir / "metrics.jsonl", step if resume else None, acc.is_main_process)
-    if online is not None:
-        online.log = MetricsLog(out_dir / "online.jsonl", step if resume else None, acc.is_main_process)
-    result = TrainResult(step=step, output_dir=str(out_dir), skipped_steps=skipped)
+    def log(self, record: dict):
+        self.metrics.write(record)
+        if self.acc.log_with:
+            self.acc.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                         step=record["step"])
 
-    def reduce_sum(t: Tensor) -> Tensor:
-        return acc.reduce(t.to(acc.device), reduction="sum").cpu() if world > 1 else t
-
-    def log(record: dict):
-        metrics.write(record)
-        if acc.log_with:
-            acc.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
-                    step=record["step"])
-
-    def save(at_step: int) -> Path:
+    def save(self, at_step: int) -> Path:
+        cfg, online = self.cfg, self.online
         path = ckpt.save_checkpoint(
-            cfg.output_dir, at_step, model_state=recipe.trainable_state(), optimizer=optimizer,
-            scheduler=scheduler, accelerator=acc, keep=cfg.keep_checkpoints,
-            state={"skipped_steps": skipped, "consumed_batches": at_step * cfg.grad_accum,
-                   "skipped_rows": skipped_rows, "read_rows": read_rows,
-                   "recipe": recipe.extra_state(), "config": config or {},
+            cfg.output_dir, at_step, model_state=self.recipe.trainable_state(), optimizer=self.optimizer,
+            scheduler=self.scheduler, accelerator=self.acc, keep=cfg.keep_checkpoints,
+            state={"skipped_steps": self.skipped, "consumed_batches": at_step * cfg.grad_accum,
+                   "skipped_rows": self.skipped_rows, "read_rows": self.read_rows,
+                   "recipe": self.recipe.extra_state(), "config": self.config or {},
                    **({"online": online.state_dict()} if online is not None else {})})
-        result.last_checkpoint = str(path)
+        self.result.last_checkpoint = str(path)
         return path
 
-    def evaluate(at_step: int):
-        m = recipe.evaluate(at_step)
-        if online is not None and at_step % online.spr == 0:  # the trained reward and the panel after a round
-            m = {**m, **online.evaluate(at_step)}
+    def evaluate(self, at_step: int):
+        m = self.recipe.evaluate(at_step)
+        if self.online is not None and at_step % self.online.spr == 0:  # the trained reward and the panel
+            m = {**m, **self.online.evaluate(at_step)}
         if m:
             rec = {"step": at_step, **{f"eval/{k}": v for k, v in m.items()}}
-            result.eval_history.append(rec)
-            log(rec)
+            self.result.eval_history.append(rec)
+            self.log(rec)
 
-    if (cfg.eval_every or online is not None) and step == 0:
-        evaluate(0)
+    def one_step(self) -> bool:
+        """One optimiser step; True when the run stops early (an empty round, the recipe, the guard)."""
+        online = self.online
+        if online is not None and (self.batches is None or self.step % online.spr == 0):
+            self.batches = self.batches_from(self.step)  # a new round: sampled now with the current weights
+            if self.batches is None:
+                return True  # the round gave too few informative rows (the source said so)
+        micro, n_global, empty_step = self.read_micro_batches()
+        bad_local, step_sums = self.accumulate(micro, n_global)
+        bad, grad_norm = self.apply_or_skip(bad_local, empty_step)
+        return self.after_step(step_sums, grad_norm, bad)
 
-    bar = None
-    if cfg.progress and acc.is_local_main_process:
-        from tqdm.auto import tqdm
+    def read_micro_batches(self):
+        """The step's micro-batches, and the global count of readable rows; unreadable rows are counted and a
+        run on mostly unreadable data stops (``_check_unreadable``)."""
+        cfg = self.cfg
+        micro = [next(self.batches) for _ in range(cfg.grad_accum)]
+        counts = self.reduce_sum(torch.tensor([float(sum(len(b) for b in micro)),
+                                               float(sum(getattr(b, "skipped", 0) for b in micro))]))
+        n_global, n_unreadable = float(counts[0]), int(counts[1])
+        self.skipped_rows += n_unreadable
+        self.read_rows += int(n_global) + n_unreadable
+        _check_unreadable(self.skipped_rows, self.read_rows, len(self.recipe.train_data), cfg.max_unreadable_fraction)
+        empty_step = n_global == 0  # every row unreadable: the step is skipped (and counted as such)
+        return micro, max(n_global, 1.0), empty_step
 
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
-    window = MetricSums()
-    t0 = time.time()
-    try:
-        with _sigterm_as_interrupt():
-            while step < cfg.max_steps:
-                if online is not None and (batches is None or step % online.spr == 0):
-                    batches = batches_from(step)  # a new round: sampled now with the current weights (or read back)
-                    if batches is None:
-                        break  # the round gave too few informative rows (the source said so)
-                micro = [next(batches) for _ in range(cfg.grad_accum)]
-                counts = reduce_sum(torch.tensor([float(sum(len(b) for b in micro)),
-                                                  float(sum(getattr(b, "skipped", 0) for b in micro))]))
-                n_global, n_unreadable = float(counts[0]), int(counts[1])
-                skipped_rows, read_rows = skipped_rows + n_unreadable, read_rows + int(n_global) + n_unreadable
-                _check_unreadable(skipped_rows, read_rows, len(recipe.train_data), cfg.max_unreadable_fraction)
-                empty_step = n_global == 0  # every row unreadable: the step is skipped (and counted as such)
-                n_global = max(n_global, 1.0)
-                model.train()
-                recipe.begin_step([b.to(acc.device) for b in micro if len(b)])  # step-level state, e.g. KTO's z0
-                bad_local = False
-                step_sums = MetricSums()
-                for i, batch in enumerate(micro):
-                    batch.to(acc.device)
-                    sync = i == len(micro) - 1
-                    if len(batch) == 0:  # every row unreadable (reported by the dataset): contributes nothing
-                        continue
-                    with (contextlib.nullcontext() if sync else acc.no_sync(model)):
-                        with acc.autocast():
-                            out = recipe.compute(batch, step)
-                        finite = torch.isfinite(out.loss.detach())
-                        if not bool(finite.all()):
-                            rows = batch.index[~finite.to(batch.index.device)].tolist()
-                            if cfg.nan_policy == "error":
-                                save(step)  # weights are still those of the last good step
-                                raise NonFiniteLossError(
-                                    f"non-finite loss at step {step + 1}, dataset rows {rows} "
-                                    f"(process {rank}); state of step {step} saved to {result.last_checkpoint}. "
-                                    "Set train.nan_policy=skip to drop such steps.")
-                            bad_local = True
-                        acc.backward(backward_loss(out.loss, n_global, world))
-                    step_sums.add(out.metrics, out.loss)
-                grad_norm = None
-                if cfg.max_grad_norm is not None:
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                # one reduction for both flags: a rank's non-finite loss, and (no clipping still means no silent
-                # inf/NaN weights) a rank's non-finite gradient; with clipping the global norm already says it
-                grads_local = cfg.max_grad_norm is None and not grads_finite(model)
-                flags = reduce_sum(torch.tensor([float(bad_local), float(grads_local)]))
-                bad = bool(flags[0] > 0) or empty_step
-                grads_bad = not math.isfinite(float(grad_norm)) if grad_norm is not None else bool(flags[1] > 0)
-                if grads_bad:
+    def accumulate(self, micro, n_global: float):
+        """Forward + backward of every micro-batch (gradients synchronised on the last); a non-finite loss
+        stops the run under ``nan_policy: error`` (saving the last good state first), else marks the step bad."""
+        cfg, acc, model, step = self.cfg, self.acc, self.model, self.step
+        model.train()
+        self.recipe.begin_step([b.to(acc.device) for b in micro if len(b)])  # step-level state, e.g. KTO's z0
+        bad_local, step_sums = False, MetricSums()
+        for i, batch in enumerate(micro):
+            batch.to(acc.device)
+            if len(batch) == 0:  # every row unreadable (reported by the dataset): contributes nothing
+                continue
+            with (contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(model)):
+                with acc.autocast():
+                    out = self.recipe.compute(batch, step)
+                finite = torch.isfinite(out.loss.detach())
+                if not bool(finite.all()):
+                    rows = batch.index[~finite.to(batch.index.device)].tolist()
                     if cfg.nan_policy == "error":
-                        save(step)
-                        raise NonFiniteLossError(f"non-finite gradient at step {step + 1}; state of step "
-                                                 f"{step} saved to {result.last_checkpoint}")
-                    bad = True
-                if bad:
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    result.skipped_steps = skipped
-                    acc.print(f"step {step + 1}: {'no readable rows' if empty_step else 'non-finite loss/gradient'}, "
-                              f"step skipped ({skipped} so far)")
-                    if skipped > cfg.max_skipped_steps:
-                        raise NonFiniteLossError(f"{skipped} steps skipped (no readable rows, or a non-finite loss or "
-                                                 f"gradient; train.max_skipped_steps={cfg.max_skipped_steps})")
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    ok = torch.tensor([float(params_finite(model))])
-                    if float(reduce_sum(ok)[0]) < world:  # never go on (or save, or export) with such weights
+                        self.save(step)  # weights are still those of the last good step
                         raise NonFiniteLossError(
-                            f"step {step + 1}: the optimizer step made the weights non-finite (lr "
-                            f"{scheduler.get_last_lr()[0]:.3g}; the loss and gradients were finite); nothing of this "
-                            f"state is saved. Last checkpoint: {result.last_checkpoint or 'none'}")
-                with warnings.catch_warnings():  # a skipped step still advances the schedule
-                    warnings.simplefilter("ignore", UserWarning)
-                    scheduler.step()
-                step += 1
-                result.step = step
-                for k in step_sums.sums:
-                    window.sums[k] += step_sums.sums[k]
-                    window.counts[k] += step_sums.counts[k]
-                if bar is not None:
-                    bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    m = window.means(reduce_sum)
-                    rec = {"step": step, **{f"train/{k}": v for k, v in m.items()},
-                           "train/lr": scheduler.get_last_lr()[0], "train/skipped_steps": skipped,
-                           "train/skipped_rows": skipped_rows,
-                           "train/sec_per_step": (time.time() - t0) / cfg.log_every}
-                    if grad_norm is not None:
-                        rec["train/grad_norm"] = float(grad_norm)
-                    result.history.append(rec)
-                    log(rec)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}",
-                                        acc=f"{m.get('reward_accuracy', float('nan')):.3f}")
-                    if on_step is not None:
-                        on_step(step, rec)
-                    window = MetricSums()
-                    t0 = time.time()
-                recipe.on_step_end(step, applied=not bad)  # after the step's record is written: none is ever lost
-                round_end = online is not None and step % online.spr == 0
-                if round_end or (cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
-                    evaluate(step)
-                    halt = recipe.stop or (online is not None and online.stop)
-                    if float(reduce_sum(torch.tensor([float(halt)]))[0]) > 0:  # early stop by the recipe or the guard
-                        if cfg.save_every:
-                            save(step)
-                        break
-                if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
-                    save(step)
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        path = save(step)
-        acc.print(f"\ninterrupted: state of step {step} saved to {path}; continue with train.resume=latest")
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if acc.log_with:
-        acc.end_training()
-    return result
+                            f"non-finite loss at step {step + 1}, dataset rows {rows} (process {self.rank}); state "
+                            f"of step {step} saved to {self.result.last_checkpoint}. Set train.nan_policy=skip to "
+                            "drop such steps.")
+                    bad_local = True
+                acc.backward(backward_loss(out.loss, n_global, self.world))
+            step_sums.add(out.metrics, out.loss)
+        return bad_local, step_sums
+
+    def apply_or_skip(self, bad_local: bool, empty_step: bool):
+        """Clip, then apply the optimiser step -- or skip it when any process saw a non-finite loss or
+        gradient, or no readable rows; weights that come out non-finite stop the run, unsaved."""
+        cfg, model, step = self.cfg, self.model, self.step
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = self.acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        # one reduction for both flags: a rank's non-finite loss, and (no clipping still means no silent
+        # inf/NaN weights) a rank's non-finite gradient; with clipping the global norm already says it
+        grads_local = cfg.max_grad_norm is None and not grads_finite(model)
+        flags = self.reduce_sum(torch.tensor([float(bad_local), float(grads_local)]))
+        bad = bool(flags[0] > 0) or empty_step
+        grads_bad = not math.isfinite(float(grad_norm)) if grad_norm is not None else bool(flags[1] > 0)
+        if grads_bad:
+            if cfg.nan_policy == "error":
+                self.save(step)
+                raise NonFiniteLossError(f"non-finite gradient at step {step + 1}; state of step "
+                                         f"{step} saved to {self.result.last_checkpoint}")
+            bad = True
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.result.skipped_steps = self.skipped
+            self.acc.print(f"step {step + 1}: {'no readable rows' if empty_step else 'non-finite loss/gradient'}, "
+                           f"step skipped ({self.skipped} so far)")
+            if self.skipped > cfg.max_skipped_steps:
+                raise NonFiniteLossError(f"{self.skipped} steps skipped (no readable rows, or a non-finite loss or "
+                                         f"gradient; train.max_skipped_steps={cfg.max_skipped_steps})")
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            ok = torch.tensor([float(params_finite(model))])
+            if float(self.reduce_sum(ok)[0]) < self.world:  # never go on (or save, or export) with such weights
+                raise NonFiniteLossError(
+                    f"step {step + 1}: the optimizer step made the weights non-finite (lr "
+                    f"{self.scheduler.get_last_lr()[0]:.3g}; the loss and gradients were finite); nothing of this "
+                    f"state is saved. Last checkpoint: {self.result.last_checkpoint or 'none'}")
+        with warnings.catch_warnings():  # a skipped step still advances the schedule
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        return bad, grad_norm
+
+    def after_step(self, step_sums: MetricSums, grad_norm, bad: bool) -> bool:
+        """Count the step, log (every log_every), tell the recipe, evaluate at eval_every and round ends (the
+        recipe or the guard may stop the run: True), save at save_every."""
+        cfg = self.cfg
+        self.step += 1
+        step = self.result.step = self.step
+        for k in step_sums.sums:
+            self.window.sums[k] += step_sums.sums[k]
+            self.window.counts[k] += step_sums.counts[k]
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            self.log_window(grad_norm)
+        self.recipe.on_step_end(step, applied=not bad)  # after the step's record is written: none is ever lost
+        round_end = self.online is not None and step % self.online.spr == 0
+        if round_end or (cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)):
+            self.evaluate(step)
+            halt = self.recipe.stop or (self.online is not None and self.online.stop)
+            if float(self.reduce_sum(torch.tensor([float(halt)]))[0]) > 0:  # early stop by the recipe or the guard
+                if cfg.save_every:
+                    self.save(step)
+                return True
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            self.save(step)
+        return False
+
+    def log_window(self, grad_norm):
+        """The training record of the steps since the last one: metric means over every process's rows."""
+        cfg, step = self.cfg, self.step
+        m = self.window.means(self.reduce_sum)
+        rec = {"step": step, **{f"train/{k}": v for k, v in m.items()},
+               "train/lr": self.scheduler.get_last_lr()[0], "train/skipped_steps": self.skipped,
+               "train/skipped_rows": self.skipped_rows, "train/sec_per_step": (time.time() - self.t0) / cfg.log_every}
+        if grad_norm is not None:
+            rec["train/grad_norm"] = float(grad_norm)
+        self.result.history.append(rec)
+        self.log(rec)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}",
+                                 acc=f"{m.get('reward_accuracy', float('nan')):.3f}")
+        if self.on_step is not None:
+            self.on_step(step, rec)
+        self.window, self.t0 = MetricSums(), time.time()
 
 
 def _check_unreadable(unreadable: int, read: int, n_data: int, limit: float):
