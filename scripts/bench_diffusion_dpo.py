@@ -137,7 +137,7 @@ def components(size: str, latent: int, model_dir: str | None = None):
     te = CLIPTextModel(te_cfg({"sdxl": "sd15"}.get(size, size)))
     comp = Components(kind, unet, vae, te, tok, sched)
     if size in XL:
-        comp.text_encoder_2 = CLIPTextModelWithProjection(te_cfg(size + "2" if size != "sdxl" else "sdxl2"))
+        comp.text_encoder_2 = CLIPTextModelWithProjection(te_cfg(size + "2"))  # TEXT's sdxl2 / sdxl_layout2
         comp.tokenizer_2 = tok
     if model_dir:  # a diffusers pipeline folder, as users download it
         from mmalign.diffusion.models import save_components

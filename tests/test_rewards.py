@@ -280,3 +280,22 @@ def test_toy_clip_agrees_with_oracle_on_shipped_generations(tmp_path):
     wrong = rw.score([d[0] for d in data], [d[1].replace(d[2].color, "blue" if d[2].color != "blue" else "red")
                                             for d in data])
     assert (right > wrong).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("name", sorted(REWARDS))
+def test_every_reward_is_finite_batch_invariant_and_asks_for_its_inputs(world, name):
+    """For every registered reward (tiny weights): one score per image, finite; the same scores whether the images
+    go in one batch or one at a time; and a reward that needs prompts or references says so without them."""
+    images, prompts = world
+    rw = load_reward(name, tiny=True, device="cpu")
+    refs = images[3:5] if rw.needs_references else None
+    ps = prompts[:3] if rw.needs_prompts else None
+    whole = rw.score(images[:3], ps, refs)
+    assert whole.shape == (3,) and torch.isfinite(whole).all()
+    torch.testing.assert_close(rw.score(images[:3], ps, refs, batch_size=1), whole, rtol=1e-4, atol=1e-5)
+    if rw.needs_prompts:
+        with pytest.raises(ValueError, match="needs prompts"):
+            rw.score(images[:3], None, refs)
+    if rw.needs_references:
+        with pytest.raises(ValueError, match="needs reference images"):
+            rw.score(images[:3], ps, None)

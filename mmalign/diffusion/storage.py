@@ -94,12 +94,14 @@ def _conv_forward(self, x):
 
 
 def _eligible(mod: nn.Module) -> bool:
+    """A plain ``nn.Linear`` or zero-padded ``nn.Conv2d`` (not a subclass: peft's LoRA layers wrap theirs) whose
+    weights are all frozen."""
+    if type(mod) not in (nn.Linear, nn.Conv2d):
+        return False
     params = [p for p in (mod.weight, mod.bias) if p is not None]
     if any(p.requires_grad for p in params):  # trainable (a full fine-tune, a LoRA matrix): left alone
         return False
-    if isinstance(mod, nn.Conv2d):
-        return mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
-    return type(mod) is nn.Linear
+    return type(mod) is nn.Linear or (mod.padding_mode == "zeros" and not isinstance(mod.padding, str))
 
 
 def store_frozen(module: nn.Module, storage: torch.dtype, compute: torch.dtype = torch.float32) -> int:
@@ -108,7 +110,7 @@ def store_frozen(module: nn.Module, storage: torch.dtype, compute: torch.dtype =
     many weights (elements) it stored low. Biases, norms and embeddings stay as they are: they are small."""
     n = 0
     for mod in module.modules():
-        if type(mod) not in (nn.Linear, nn.Conv2d) or not _eligible(mod):
+        if not _eligible(mod):
             continue
         stored, scale = quantise(mod.weight.data, storage)
         mod.weight.data = stored
