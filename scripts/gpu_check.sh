@@ -2,14 +2,15 @@
 # Every GPU figure the docs need, in one go (GPU time is rare: run this first when a GPU is lent).
 #
 #   bash scripts/gpu_check.sh                 # on the GPU: ~8 minutes, writes runs/gpu_check.json
-#   bash scripts/gpu_check.sh --dry-run       # the same plan at toy sizes on CPU (~4 min on 2 cores)
+#   bash scripts/gpu_check.sh --dry-run       # the same plan at toy sizes on CPU (~1 min on 2 cores)
 #
 # One JSON file: {check name: the JSON line its benchmark printed, or {"error": ..., "rc": ...}}. A check that
 # fails or runs past its time limit is recorded and the next one runs -- nothing already measured is lost.
 # Checks: Diffusion-DPO LoRA step vs the diffusers script's (SDXL config, 1024 px) at 1 and 4 pairs; xformers
 # and torch.compile as one-at-a-time levers against the peer; the frozen UNet stored in fp8 and upcast per layer
-# (model.storage_dtype, memory against the peer); the online loop (rollouts vs the diffusers pipeline, each
-# method's training step). Not yet here: the stored-weights memory of SD3.5-M / FLUX.1-dev themselves.
+# (model.storage_dtype, memory against the peer); SD3.5-medium and FLUX.1-dev (real configs, random weights) stored
+# in bf16 and fp8 with a LoRA DPO step at 1024 px (bench_storage.py); the online loop (rollouts vs the diffusers
+# pipeline, each method's training step). The SDXL step at 1 pair also runs on uncached data (first pass).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -20,13 +21,18 @@ TMP=$(mktemp -d)
 export HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 
 if [[ $DRY == 1 ]]; then
-  DPO=(--size tiny --latent 8 --steps 1 --repeats 1)
+  DPO=(--size tiny --latent 8 --steps 1 --repeats 1 --in-process)
   ONLINE=(--models sd --batch 2 --steps 2 --repeats 1 --train-steps 1 --methods online_dpo,grpo)
+  STORAGE=(--tiny)
   LIMIT=120
+  JOBS=2  # a dry run times nothing: two checks at a time, one thread each (no OpenMP oversubscription)
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 else
   DPO=(--size sdxl --latent 128 --steps 3 --repeats 2)
   ONLINE=()
+  STORAGE=()
   LIMIT=240
+  JOBS=1  # measurements: one at a time
 fi
 
 check() {  # check NAME COMMAND...: run with a time limit, keep the last JSON line it printed
@@ -45,17 +51,28 @@ res = json.loads(lines[-1]) if rc == 0 and lines else {"error": (tmp / f"{name}.
 EOF
 }
 
-check dpo_1pair python scripts/bench_diffusion_dpo.py "${DPO[@]}" --batch 1 --paths peer,mmalign
-check dpo_4pairs python scripts/bench_diffusion_dpo.py "${DPO[@]}" --batch 4 --paths peer,mmalign
+run() {  # run NAME COMMAND...: a check, in the background while fewer than JOBS run (dry run), else in turn
+  if (( JOBS > 1 )); then
+    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
+    check "$@" &
+  else
+    check "$@"
+  fi
+}
+
+run dpo_1pair python scripts/bench_diffusion_dpo.py "${DPO[@]}" --batch 1 --paths peer,mmalign_first_pass,mmalign
+run dpo_4pairs python scripts/bench_diffusion_dpo.py "${DPO[@]}" --batch 4 --paths peer,mmalign
 if python -c "import xformers" 2>/dev/null; then
-  check xformers python scripts/bench_diffusion_dpo.py "${DPO[@]}" --paths peer,mmalign --overrides model.attention=xformers
+  run xformers python scripts/bench_diffusion_dpo.py "${DPO[@]}" --paths peer,mmalign --overrides model.attention=xformers
 else
   echo '{"skipped": "xformers is not installed (pip install -e \".[gpu]\")"}' > "$TMP/xformers.json"
 fi
-check compile python scripts/bench_diffusion_dpo.py "${DPO[@]}" --paths peer,mmalign --overrides model.compile=true
-check storage_fp8 python scripts/bench_diffusion_dpo.py "${DPO[@]}" --paths peer,mmalign \
+run compile python scripts/bench_diffusion_dpo.py "${DPO[@]}" --paths peer,mmalign --overrides model.compile=true
+run storage_fp8 python scripts/bench_diffusion_dpo.py "${DPO[@]}" --paths peer,mmalign \
   --overrides model.storage_dtype=float8_e4m3fn
-check online python scripts/bench_online.py "${ONLINE[@]}"
+run storage_big python scripts/bench_storage.py "${STORAGE[@]}"
+run online python scripts/bench_online.py "${ONLINE[@]}"
+wait
 
 python - "$TMP" "$OUT" "$DRY" <<'EOF'
 import json, sys, time

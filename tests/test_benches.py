@@ -25,10 +25,12 @@ def test_diffusion_bench_prints_every_ratio_from_one_run():
     out = run_json("scripts/bench_diffusion_dpo.py", "--size", "tiny", "--latent", "8", "--steps", "1",
                    "--repeats", "1")
     for key in ("speed_ratio_vs_peer", "memory_ratio_vs_peer", "speed_ratio_vs_salesforce", "first_pass_ratio_vs_peer",
+                "first_pass_ratio_vs_peer_built_up_front", "memory_ratio_vs_peer_first_pass",
                 "speed_ratio_vs_peer_precomputed", "memory_ratio_vs_peer_precomputed"):
         assert out[key] > 0, key
     paths = out["paths"]
-    assert {"peer", "salesforce", "mmalign", "mmalign_precomputed"} <= set(paths)
+    assert {"peer", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_precomputed"} <= set(paths)
+    assert paths["mmalign_first_pass"]["cache_reused"] == [False] and len(out["first_pass_ratio_vs_peer_per_repeat"]) == 1
     assert all("error" not in s for s in paths.values()), paths
     # the precomputed path reuses the mmalign path's cache (as a sweep does): it builds none itself
     assert paths["mmalign"]["cache_reused"] == [False] and paths["mmalign_precomputed"]["cache_reused"] == [True]
@@ -95,3 +97,7 @@ def test_gpu_check_dry_run_runs_its_whole_plan_on_cpu(tmp_path):
     assert "rollout_ratio_vs_pipeline" in json.dumps(res["online"]), res["online"]
     assert "error" not in res["compile"], res["compile"]
     assert "error" not in res["storage_fp8"] and res["storage_fp8"]["memory_ratio_vs_peer"] > 0, res["storage_fp8"]
+    assert res["dpo_1pair"]["first_pass_ratio_vs_peer"] > 0, res["dpo_1pair"]
+    big = res["storage_big"]
+    assert big["flux_fp8_weights_vs_bf16"] < 1 and big["sd35_fp8_weights_vs_bf16"] < 1, big
+    assert all(0 < r["pred_rel_err_vs_bf16"] < 0.2 for r in big["rows"] if r["storage"] != "bfloat16"), big

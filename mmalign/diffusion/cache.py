@@ -30,6 +30,9 @@ from mmalign.config import to_dict
 from mmalign.paths import WEIGHT_SUFFIXES, fingerprint, resolve
 
 from .data import ImagePairBatch, PreferencePairs
+from .fill import CacheFill, required_keys
+
+Tensor = torch.Tensor
 
 
 def _shard(path: Path, k: int) -> Path:
@@ -52,7 +55,7 @@ def cache_options(data_cfg, dtype: torch.dtype) -> dict:
 
 # data settings that do not change what is cached (step-time draws, other splits, bookkeeping); every other
 # field of the data section is part of the key (tests/test_nothing_lost.py checks every field is one or the other)
-NOT_CACHED = {"caption_dropout", "noise_draws", "shared_noise", "cache_dir", "allow_outside_root", "eval",
+NOT_CACHED = {"caption_dropout", "noise_draws", "cache_build", "shared_noise", "cache_dir", "allow_outside_root", "eval",
               "eval_split", "max_eval_examples", "train", "split", "max_examples", "cache_dtype"}
 TEXT_SUFFIXES = (".json", ".txt", ".model")  # tokenizer files
 
@@ -188,18 +191,55 @@ def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_
                     buf[lo + j] = v[jj].cpu() if key in ("original_size", "crop_top_left") else v[jj].cpu().to(dtype)
             if bar is not None:
                 bar.update(len(chunk))
-        tensors = {"ok": ok}
-        for key, buf in out.items():
-            like = next(x for x in buf if x is not None)
-            tensors[key] = torch.stack([x if x is not None else torch.zeros_like(like) for x in buf])
-        tmp = path / f".shard-{k:05d}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, _shard(path, k))
+        _write_shard(path, k, ok, out)
     if bar is not None:
         bar.close()
     if encode_text is not None and not (path / "empty.safetensors").exists():
         _write_empty(path, encode_text, dtype)
     return _write_report(path, len(pairs), corrupt, n_shards)
+
+
+def _write_shard(path: Path, k: int, ok: Tensor, out: dict[str, list]):
+    """Shard ``k``: ``ok`` [rows] (0 = unreadable) and each key's per-row tensors (None -> zeros), atomically."""
+    tensors = {"ok": ok}
+    for key, buf in out.items():
+        like = next(x for x in buf if x is not None)
+        tensors[key] = torch.stack([x if x is not None else torch.zeros_like(like) for x in buf])
+    tmp = path / f".shard-{k:05d}.tmp"
+    save_file({key: v.contiguous() for key, v in tensors.items()}, str(tmp))
+    os.replace(tmp, _shard(path, k))
+
+
+def compact_fill(pairs: PreferencePairs, path: str | Path, flips: bool = True, dtype: torch.dtype = torch.float32,
+                 std: bool = False, shard_size: int = 256) -> bool:
+    """Turn a cache filled while training (``mmalign.diffusion.fill``) into the shard cache ``build_cache`` writes,
+    when it holds every row (each key of ``required_keys``, or marked unreadable) and the empty prompt; the parts
+    are removed after. False (and nothing written) while rows are missing."""
+    path = Path(path)
+    fill = CacheFill(path, dtype)
+    have, need = fill.rows(), required_keys(flips, std, pairs.dual)
+    if not (path / "empty.safetensors").exists() or any(
+            "bad" not in have.get(i, ()) and not need <= have.get(i, set()) for i in range(len(pairs))):
+        return False
+    extra = sorted({k for keys in have.values() for k in keys if k.startswith("pooled_")})
+    write_atomic(path / "meta.json", json.dumps(cache_meta(pairs, flips, True, dtype, std, shard_size)))
+    n_shards = math.ceil(len(pairs) / shard_size)
+    for k in range(n_shards):
+        rows = range(k * shard_size, min(len(pairs), (k + 1) * shard_size))
+        ok = torch.tensor([int("bad" not in have.get(i, ())) for i in rows], dtype=torch.uint8)
+        out: dict[str, list] = {}
+        for key in sorted(need - {"size"}) + extra:
+            out[key] = [fill.get(i, key) if o else None for i, o in zip(rows, ok)]
+        size = [fill.get(i, "size") if o else None for i, o in zip(rows, ok)]
+        out["original_size"] = [None if z is None else z[:2] for z in size]
+        out["crop_top_left"] = [None if z is None else z[2:] for z in size]
+        _write_shard(path, k, ok, out if any(ok) else {})  # (a shard of unreadable rows holds only "ok")
+    corrupt = [pairs.rows[i] for i in range(len(pairs)) if "bad" in have.get(i, ())]
+    _write_report(path, len(pairs), corrupt, n_shards)
+    for f in fill.dir.glob("*"):
+        f.unlink()
+    fill.dir.rmdir()
+    return True
 
 
 def _encode_rows(items: list[dict], encode_pixels, encode_text, flips: bool, std: bool, dual: bool) -> dict:
@@ -258,11 +298,16 @@ class CachedPairs(torch.utils.data.Dataset):
             raise ValueError(f"cache {path} has {self.meta['rows']} rows, the data has {len(pairs)}")
         self.shard_size = self.meta["shard_size"]
         self._open: dict[int, dict] = {}
-        self.empty = None
-        if (self.path / "empty.safetensors").exists():
-            with safe_open(str(self.path / "empty.safetensors"), "pt") as f:
-                self.empty = {k: f.get_tensor(k) for k in f.keys()}
+        self.empty = self.read_empty(self.path)
         self.source, self.dual, self.resolution = pairs.source, pairs.dual, pairs.resolution
+
+    @staticmethod
+    def read_empty(path: Path) -> dict | None:
+        """The empty prompt's cached conditioning (``empty.safetensors``), if written."""
+        if not (Path(path) / "empty.safetensors").exists():
+            return None
+        with safe_open(str(Path(path) / "empty.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
 
     def __len__(self):
         return len(self.pairs)
@@ -343,7 +388,8 @@ def reference_table_path(cfg, split: str, draws: int) -> Path | None:
     if cfg.model.name_or_path:
         root = Path(resolve(cfg.model.name_or_path))
         weights = [fingerprint(root / sub, WEIGHT_SUFFIXES) for sub in ("unet", "transformer")]
-    key = {"model": model, "weights": weights, "data": to_dict(cfg.data), "flow": to_dict(cfg.flow),
+    data = {k: v for k, v in to_dict(cfg.data).items() if k != "cache_build"}  # how the cache fills: not a score
+    key = {"model": model, "weights": weights, "data": data, "flow": to_dict(cfg.flow),
            "seed": cfg.train.seed, "precision": cfg.train.mixed_precision, "draws": draws, "split": split,
            "ppd": to_dict(cfg.ppd) if cfg.ppd is not None else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -51,6 +51,7 @@ class ImagePairBatch(_Batch):
     pooled_w: Optional[Tensor] = None
     pooled_l: Optional[Tensor] = None
     skipped: int = 0  # corrupt rows dropped from this batch
+    unreadable_rows: Optional[list] = None  # which rows those were (a cache filled while training records them)
 
     def __len__(self):
         return len(self.index)

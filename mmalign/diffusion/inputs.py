@@ -28,6 +28,7 @@ class PairInputs:
         self.family, self.pipe, self.vae, self.d, self.seed = family, pipe, vae, data_cfg, seed
         self.device, self.dtype, self.user_tokens = device, dtype, user_tokens
         self.empty: dict | None = None  # cached empty-prompt conditioning (caption dropout with a text cache)
+        self.fills: dict = {}  # split -> CacheFill: a cache filled by the steps (data.cache_build=while_training)
 
     def generator(self, step: int, row: int, split: str) -> torch.Generator:
         draws = self.d.noise_draws
@@ -58,11 +59,15 @@ class PairInputs:
         dev, d = self.device, self.d
         flip = [bool(torch.rand(1, generator=g) < 0.5) and d.random_flip and split == "train" for g in gens]
         drop = [bool(torch.rand(1, generator=g) < d.caption_dropout) for g in gens]
+        fill = self.fills.get(split)
         if batch.latents is not None:
             pick = lambda a, b: torch.stack([(b[i] if f else a[i]) for i, f in enumerate(flip)])  # noqa: E731
             x0 = pick(batch.latents, batch.latents_flip).to(dev, torch.float32)
             std = None if batch.latents_std is None else \
                 pick(batch.latents_std, batch.latents_std_flip).to(dev, torch.float32)
+        elif fill is not None:
+            x0, std = self._fill_latents(batch, flip, fill)
+            self._fill_text(batch, fill)
         else:
             x0, std = self.encode_pixels(torch.stack([p.flip(-1) if f else p for p, f in zip(batch.pixels, flip)]))
         noise, t = self.family.draw(tuple(x0.shape[2:]), gens, dev, shared=d.shared_noise)
@@ -75,6 +80,48 @@ class PairInputs:
         if self.user_tokens is not None:
             cond.embeds = self.user_tokens(batch, cond.embeds)
         return x0, noise, t, cond
+
+    def _fill_latents(self, batch: ImagePairBatch, flip: list[bool], fill) -> tuple[Tensor, Tensor | None]:
+        """The drawn orientation of each pair from the fill, encoding (and keeping) those it does not hold yet:
+        the VAE runs only for what this step draws, once per (row, orientation) over all passes."""
+        rows = [int(r) for r in batch.index]
+        for r in batch.unreadable_rows or []:
+            fill.put(r, "bad", torch.ones(1))
+        sfx = ["_flip" if f else "" for f in flip]
+        std_too = self.d.vae_latents == "sample"
+        miss = [i for i, r in enumerate(rows) if not fill.has(r, "latents" + sfx[i])]
+        if miss:
+            pix = torch.stack([batch.pixels[i].flip(-1) if flip[i] else batch.pixels[i] for i in miss])
+            mean, sd = self.encode_pixels(pix)
+            for j, i in enumerate(miss):
+                fill.put(rows[i], "latents" + sfx[i], mean[j])
+                if std_too:
+                    fill.put(rows[i], "latents_std" + sfx[i], sd[j])
+                fill.put(rows[i], "size", torch.cat([batch.original_size[i], batch.crop_top_left[i]]).float())
+        x0 = torch.stack([fill.get(r, "latents" + s) for r, s in zip(rows, sfx)]).to(self.device, torch.float32)
+        std = torch.stack([fill.get(r, "latents_std" + s) for r, s in zip(rows, sfx)]).to(
+            self.device, torch.float32) if std_too else None
+        return x0, std
+
+    def _fill_text(self, batch: ImagePairBatch, fill):
+        """Each caption's embeddings from the fill (encoded and kept when missing), set on the batch as the shard
+        cache would: caption dropout then picks the empty prompt's, exactly as on a cached run."""
+        rows = [int(r) for r in batch.index]
+        if not rows:
+            return
+        sides = (("w", batch.captions), ("l", batch.captions_rejected)) if batch.captions_rejected is not None \
+            else (("w", batch.captions),)
+        for side, caps in sides:
+            miss = [i for i, r in enumerate(rows) if not fill.has(r, f"embeds_{side}")]
+            if miss:
+                c = self.encode_text([caps[i] for i in miss])
+                for j, i in enumerate(miss):
+                    fill.put(rows[i], f"embeds_{side}", c.embeds[j])
+                    if c.pooled is not None:
+                        fill.put(rows[i], f"pooled_{side}", c.pooled[j])
+            setattr(batch, f"embeds_{side}", torch.stack([fill.get(r, f"embeds_{side}") for r in rows]))
+            if fill.has(rows[0], f"pooled_{side}"):
+                setattr(batch, f"pooled_{side}", torch.stack([fill.get(r, f"pooled_{side}") for r in rows]))
 
     def _encoded_cond(self, batch: ImagePairBatch, drop: list[bool]) -> Cond:
         caps_w = ["" if dr else c for c, dr in zip(batch.captions, drop)]

@@ -16,9 +16,11 @@ import torch
 
 from mmalign.diffusion import export as exporter
 from mmalign.diffusion.cache import HALF, CachedPairs, build_cache, cache_dtype, cache_options, cache_path
-from mmalign.diffusion.cache import caches_complete, load_or_compute_table, precompute_table, reference_table_path
+from mmalign.diffusion.cache import caches_complete, compact_fill, load_or_compute_table, precompute_table
+from mmalign.diffusion.cache import reference_table_path, _write_empty
 from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
+from mmalign.diffusion.fill import CacheFill, MarkUnreadable
 from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.online import DiffusionRounds
@@ -85,6 +87,8 @@ class DiffusionRecipe(RecipeBase):
         # online runs sample their pairs round by round (mmalign.diffusion.online): no pair data to read
         self.train_data = self._pairs(d.train, d.split, d.max_examples) if cfg.online is None else None
         self.eval_data = self._pairs(d.eval, d.eval_split, d.max_eval_examples) if d.eval else None
+        if d.cache_dir:
+            self._compact_fills()
         # with a finished latent + text cache the step never runs the VAE or the text encoders: leave them on
         # disk (SDXL: 0.9B parameters, Flux: T5-XXL's 4.7B); validation and full exports read them when needed
         comp = components or build_components(cfg, self.dtype, frozen=not caches_complete(
@@ -157,14 +161,68 @@ class DiffusionRecipe(RecipeBase):
             store_frozen(unet, STORAGE_DTYPES[self.cfg.model.storage_dtype], self.dtype)
 
     def _use_cache(self):
-        """Read latents + text embeddings from data.cache_dir (built on first use); once the cache is complete the
-        VAE and text encoders are freed for the training steps."""
-        cfg = self.cfg
-        self.train_data = self._cached(self.train_data, cache_path(cfg, "train", self.dtype))
-        if self.eval_data is not None:
-            self.eval_data = self._cached(self.eval_data, cache_path(cfg, "eval", self.dtype))
-        if self.comp.release_frozen():
+        """Read latents + text embeddings from data.cache_dir: built before the first step, or filled by the steps
+        (``cache_build``); once every split reads a complete cache the VAE and text encoders are freed."""
+        cfg, filling = self.cfg, False
+        for split in ("train", "eval"):
+            data = self.train_data if split == "train" else self.eval_data
+            if data is None:
+                continue
+            path = cache_path(cfg, split, self.dtype)
+            if self._fill_while_training(split, data):
+                data, filling = self._filling(data, path, split), True
+            else:
+                data = self._cached(data, path)
+            setattr(self, f"{split}_data", data)
+        if not filling and self.comp.release_frozen():
             self.pipe = self.inputs.pipe = self.inputs.vae = None
+
+    def _fill_while_training(self, split: str, data) -> bool:
+        """data.cache_build, auto resolved: fill while training when the run reads each training pair at most
+        once (the cache would be paid for and never read) and no reference table needs every pair first."""
+        cfg, mode = self.cfg, self.cfg.data.cache_build
+        if caches_complete(cfg, {split: data}, self.dtype):
+            return False
+        if mode != "auto":
+            return mode == "while_training"
+        t = cfg.train
+        reads = t.max_steps * t.batch_size * t.grad_accum * self.acc.num_processes
+        return split == "train" and reads <= len(data) and self.cfg.model.reference != "precomputed"
+
+    def _filling(self, pairs: PreferencePairs, path: Path, split: str) -> MarkUnreadable:
+        """Pixels in, and a ``CacheFill`` the steps read from and add to; the empty prompt's conditioning is
+        encoded up front (caption dropout, Flux's text ids)."""
+        if self.acc.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            if not (path / "empty.safetensors").exists():
+                _write_empty(path, self.inputs.encode_text, cache_dtype(self.cfg))
+        self.acc.wait_for_everyone()
+        self.inputs.fills[split] = CacheFill(path, cache_dtype(self.cfg), rank=self.acc.process_index)
+        self.inputs.empty = CachedPairs.read_empty(path)
+        return MarkUnreadable(pairs)
+
+    def _compact_fills(self):
+        """A cache the steps of earlier runs filled completely becomes a shard cache before anything loads."""
+        if self.acc.is_main_process:
+            for split, data in (("train", self.train_data), ("eval", self.eval_data)):
+                if data is not None:
+                    compact_fill(data, cache_path(self.cfg, split, self.dtype),
+                                 **cache_options(self.cfg.data, cache_dtype(self.cfg)))
+        self.acc.wait_for_everyone()
+
+    def flush_fills(self):
+        """Write what the steps encoded (``data.cache_build=while_training``) to the cache folder."""
+        for fill in self.inputs.fills.values():
+            fill.flush()
+
+    def on_step_end(self, step: int, applied: bool = True) -> None:
+        super().on_step_end(step, applied)
+        if step >= self.cfg.train.max_steps:
+            self.flush_fills()
+
+    def extra_state(self) -> dict:
+        self.flush_fills()  # every checkpoint (the one an interrupt writes too) keeps what the steps encoded
+        return super().extra_state()
 
     def _build_reference(self):
         """The reference (adapters off, a frozen copy, or precomputed scores; mmalign.models.reference) and the

@@ -443,6 +443,12 @@ class DiffusionDataSection:
     """use only the first N (non-tie) pairs"""
     cache_dir: Optional[str] = None
     """cache VAE latents (+ flipped) and text embeddings here (safetensors shards, resumable)"""
+    cache_build: Literal["auto", "before_training", "while_training"] = "auto"
+    """before_training: encode every pair (both orientations) before the first step, so no step runs the VAE or
+    the text encoders; while_training: each step encodes what it draws, as the diffusers script does, and keeps it
+    (mmalign.diffusion.fill; complete, it becomes the shard cache). auto: while_training when the run reads each
+    training pair at most once (max_steps x batch x grad_accum x processes <= pairs) and the reference is not
+    precomputed, else before_training"""
     noise_draws: int = 0
     """0: fresh noise and t every step; K > 0: K fixed draws per pair (required by reference=precomputed)"""
     dual_captions: bool = False
