@@ -85,11 +85,17 @@ def diversity_rows(images: dict[str, list], keys: list[tuple[str, int]], base: s
 
 
 def format_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells for ``mmalign.utils.print_table``."""
+    """Header and cells for ``mmalign.utils.print_table`` (FID / KID rows: a set statistic, no interval; KID with
+    the std over its subsets)."""
     out = []
     for r in rows:
         win = (f"{r['win_rate']:.3f} [{r['win_low']:.3f}, {r['win_high']:.3f}]" if "win_rate" in r else "-")
-        out.append([r["reward"], r["model"], r["n"], f"{r['mean']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]", win])
+        if "ci_low" in r:
+            mean = f"{r['mean']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+        else:
+            mean = f"{r['mean']:.4f}" + (f" +- {r['std']:.4f} (subsets)" if "std" in r else "") + \
+                f" vs {r['reference_images']} reference images"
+        out.append([r["reward"], r["model"], r["n"], mean, win])
     return ["reward", "model", "n", "mean [95% CI]", "win rate vs base [95% CI]"], out
 
 
@@ -171,12 +177,29 @@ def _open(folder, name: str):
         raise DataError(f"{Path(folder) / name}: unreadable image ({type(e).__name__}: {e})") from e
 
 
+def fidelity_rows(folders: dict[str, str | Path], reference: str | Path, weights: str | None = None,
+                  device=None) -> list[dict]:
+    """FID and KID of every model's folder against ``reference`` (``mmalign.rewards.signals.fid_kid``, through
+    torch-fidelity): set statistics, one row each, lower is closer."""
+    from mmalign.rewards.signals import fid_kid  # lazy: torch-fidelity is only needed when asked for
+
+    rows = []
+    for m, folder in folders.items():
+        r = fid_kid(folder, reference, weights, device)
+        common = {"model": m, "n": r["images"], "reference_images": r["reference_images"]}
+        rows += [{"reward": "fid", "mean": r["fid"], **common},
+                 {"reward": "kid", "mean": r["kid"], "std": r["kid_std"], **common}]
+    return rows
+
+
 def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: str | Path, base: str | None = None,
                      models: dict | None = None, extra: dict | None = None, tiny: bool = False, device=None,
-                     batch_size: int = 16, seed: int = 0, gallery_items: int = 64) -> dict:
+                     batch_size: int = 16, seed: int = 0, gallery_items: int = 64,
+                     reference_images: str | Path | None = None, inception_weights: str | None = None) -> dict:
     """Score every folder's images (paired by prompt and seed) with every reward, plus each model's per-prompt
-    diversity (``diversity_rows``: flagged when it fell below the base's interval); write ``scores.csv`` (one row
-    per item and model), ``summary.json`` / ``summary.csv`` and ``gallery.html`` under ``out``."""
+    diversity (``diversity_rows``: flagged when it fell below the base's interval) and, given
+    ``reference_images``, its FID / KID against them (``fidelity_rows``); write ``scores.csv`` (one row per item
+    and model), ``summary.json`` / ``summary.csv`` and ``gallery.html`` under ``out``."""
     from mmalign.rewards.scoring import check_inputs, score_images, write_rows  # reward models: loaded when scored
 
     out = Path(out)
@@ -190,6 +213,8 @@ def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: st
               for n in names}
     rows = summarize_scores(scores, base=base, seed=seed)
     rows += diversity_rows(images, keys, base, seed)
+    if reference_images is not None:
+        rows += fidelity_rows(folders, reference_images, inception_weights, device)
     write_rows(str(out / "scores.csv"), [{"model": n, "prompt": k[0], "seed": k[1], "file": by[n][k]["file_name"],
                                           **{r: scores[n][r][i] for r in rewards}}
                                          for n in names for i, k in enumerate(keys)])

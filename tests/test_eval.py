@@ -166,3 +166,69 @@ def test_eval_warns_when_a_tuned_folder_lost_its_diversity(tmp_path, capsys):
     assert "diversity" in out and "warning: tuned: per-prompt diversity 0.0000" in out
     rows = json.loads((tmp_path / "e" / "summary.json").read_text())["rows"]
     assert [r["fell"] for r in rows if r["reward"] == "diversity" and r["model"] == "tuned"] == [True]
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """torch-fidelity's InceptionV3 with random weights (its real ones are a download), written where
+    ``feature_extractor_weights_path`` reads them. Convolutions He-initialised so the 2048 features stay alive."""
+    import inspect
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as tf  # a test dependency (pyproject [test])
+
+    def random_state(*a, **k):
+        me = inspect.currentframe().f_back.f_locals["self"]  # the extractor being built: its own layers
+        for mod in me.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+        return me.state_dict()
+
+    torch.manual_seed(0)
+    with mock.patch.object(tf, "load_state_dict_from_url", random_state):
+        fe = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
+    torch.save(fe.state_dict(), path)
+    return str(path)
+
+
+def _noise_folder(d, n, shift, seed):
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray((rng.integers(0, 156, (32, 32, 3)) + shift).astype(np.uint8)).save(d / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "prompt": f"prompt {i}", "seed": 0}))
+    (d / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def test_fid_and_kid_through_torch_fidelity(tmp_path, inception_weights):
+    """A folder against itself: 0; against another draw of the same distribution: small; against shifted
+    colours: large -- torch-fidelity's numbers, passed through."""
+    from mmalign.rewards.signals import fid_kid
+
+    a, b, c = (_noise_folder(tmp_path / n, 6, s, seed) for n, s, seed in (("a", 0, 0), ("b", 0, 1), ("c", 100, 2)))
+    same, near, far = (fid_kid(a, x, inception_weights) for x in (a, b, c))
+    assert abs(same["fid"]) < 1e-3 and abs(same["kid"]) < 1e-3 and same["images"] == same["reference_images"] == 6
+    assert far["fid"] > 10 * max(near["fid"], 1e-3) and far["kid"] > near["kid"]
+
+
+def test_eval_reports_fid_and_kid_against_reference_images(tmp_path, inception_weights, capsys):
+    ref = _noise_folder(tmp_path / "ref", 6, 0, 0)
+    base, tuned = _noise_folder(tmp_path / "base", 6, 0, 1), _noise_folder(tmp_path / "tuned", 6, 90, 2)
+    assert main(["eval", "--folder", f"base={base}", "--folder", f"tuned={tuned}", "--reward", "brightness",
+                 "--reference-images", str(ref), "--inception-weights", inception_weights,
+                 "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "fid" in out and "kid" in out and "vs 6 reference images" in out
+    rows = json.loads((tmp_path / "e" / "summary.json").read_text())["rows"]
+    fid = {r["model"]: r["mean"] for r in rows if r["reward"] == "fid"}
+    assert fid["tuned"] > fid["base"] > 0  # the shifted colours are further from the reference
+    assert "fid" in (tmp_path / "e" / "gallery.html").read_text()
+    assert main(["eval", "--folder", f"base={base}", "--folder", f"tuned={tuned}", "--reward", "brightness",
+                 "--reference-images", str(tmp_path / "nope"), "--out", str(tmp_path / "f")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reference-images" in err[0] and "is not a folder" in err[0]
+    assert not (tmp_path / "f").exists()  # refused before sampling or scoring anything

@@ -36,6 +36,10 @@ def add_arguments(p):
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
+    p.add_argument("--reference-images", help="a folder of reference images (real photos, a base set): adds each "
+                   "model's FID and KID against it (torch-fidelity)")
+    p.add_argument("--inception-weights", help="local torch-fidelity Inception weights (pt_inception-2015-12-05 "
+                   "*.pth) for --reference-images; default: downloaded once")
 
 
 def _named(specs: list[str], what: str) -> dict[str, str]:
@@ -68,6 +72,8 @@ def run(args) -> int:
         raise DataError("pass at least one --reward (see mmalign score --list)")
     check_positive(args, "steps", "batch_size")
     check_resolution(args.resolution)
+    if args.reference_images and not Path(args.reference_images).is_dir():
+        raise DataError(f"--reference-images {args.reference_images} is not a folder")
     out = Path(args.out)
     if args.folder:
         if args.base or args.tuned:
@@ -93,7 +99,8 @@ def run(args) -> int:
                              args.batch_size, meta=made_by(model, lora, kind))
             del pipe
     res = evaluate_folders(folders, args.reward, out, base=next(iter(folders)), models=parse_models(args.model),
-                           extra=parse_reward_args(args.reward_arg), tiny=args.tiny, device=args.device)
+                           extra=parse_reward_args(args.reward_arg), tiny=args.tiny, device=args.device,
+                           reference_images=args.reference_images, inception_weights=args.inception_weights)
     print(f"\n{len(res['keys'])} prompt/seed items per model; 95% bootstrap intervals; ties count half")
     print_table(*format_rows(res["rows"]))
     for r in res["rows"]:

@@ -8,8 +8,12 @@ scene (dark-pixel fraction 0.45 -> 0.93, UniRL #407), collapsed diversity (GRPO-
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+
+from mmalign.data.records import DataError
 
 from .models import REWARDS, Reward
 
@@ -85,3 +89,36 @@ class Brightness(_Statistic):
     """Mean luma of the image, BT.601 weights (a hacking signal: washed-out or darkened images)."""
 
     fn = staticmethod(brightness)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def fid_kid(folder: str | Path, reference: str | Path, weights: str | None = None, device=None,
+            batch_size: int = 32, kid_subset_size: int = 1000) -> dict:
+    """FID and KID of the images in ``folder`` against those in ``reference``, computed by ``torch-fidelity``
+    (its InceptionV3 port, which matches the TensorFlow reference implementations; Heusel et al. 2017, eq. 6;
+    Binkowski et al. 2018). ``weights``: a local copy of torch-fidelity's Inception weights
+    (``pt_inception-2015-12-05``); None downloads them once. KID is the mean (and std) over subsets of
+    ``min(kid_subset_size, images in the smaller folder)``. Returns {fid, kid, kid_std, images, reference_images}."""
+    try:
+        import torch_fidelity
+    except ImportError as e:
+        raise ImportError("FID / KID need torch-fidelity: pip install torch-fidelity") from e
+
+    counts = {}
+    for name, p in (("folder", folder), ("reference", reference)):
+        p = Path(p)
+        if not p.is_dir():
+            raise DataError(f"FID / KID: {name} {p} is not a folder of images")
+        counts[name] = sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if counts[name] < 2:
+            raise DataError(f"FID / KID: {name} {p} has {counts[name]} PNG / JPEG image(s); at least 2 are needed")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = torch_fidelity.calculate_metrics(
+        input1=str(folder), input2=str(reference), fid=True, kid=True, cuda=dev.type == "cuda", batch_size=batch_size,
+        kid_subset_size=min(kid_subset_size, *counts.values()), feature_extractor_weights_path=weights,
+        cache=False, verbose=False, samples_find_deep=False, save_cpu_ram=dev.type != "cuda")  # (no worker processes)
+    return {"fid": float(m["frechet_inception_distance"]), "kid": float(m["kernel_inception_distance_mean"]),
+            "kid_std": float(m["kernel_inception_distance_std"]), "images": counts["folder"],
+            "reference_images": counts["reference"]}
