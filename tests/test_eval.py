@@ -232,3 +232,13 @@ def test_eval_reports_fid_and_kid_against_reference_images(tmp_path, inception_w
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--reference-images" in err[0] and "is not a folder" in err[0]
     assert not (tmp_path / "f").exists()  # refused before sampling or scoring anything
+
+
+def test_fid_without_torch_fidelity_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "torch_fidelity", None)  # as if not installed
+    base, tuned = _noise_folder(tmp_path / "base", 4, 0, 1), _noise_folder(tmp_path / "tuned", 4, 0, 2)
+    assert main(["eval", "--folder", f"base={base}", "--folder", f"tuned={tuned}", "--reward", "brightness",
+                 "--reference-images", str(base), "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "error: FID / KID need torch-fidelity: pip install torch-fidelity"
+    assert "Traceback" not in err

@@ -58,8 +58,8 @@ def error_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 on success, 1 on bad input or a failing file system (one ``error:`` line, no traceback; a bug still
-    shows its traceback), 2 on a malformed command line (argparse), 130 on Ctrl-C."""
+    """Exit 0 on success, 1 on bad input, a missing optional package or a failing file system (one ``error:`` line,
+    no traceback; a bug still shows its traceback), 2 on a malformed command line (argparse), 130 on Ctrl-C."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"] and "--show" in argv:  # a flag among the positional overrides: argparse wants it last
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, OSError) as e:
+    except (DataError, ConfigError, OSError, ImportError) as e:  # ImportError: an optional package, with its pip line
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
