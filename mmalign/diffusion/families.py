@@ -22,7 +22,6 @@ sees exactly the conditioning inference uses.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -260,13 +259,13 @@ class FlowFamily(Family):
         return Cond(e, p, txt_ids=ids), None  # FLUX.1: guidance-distilled, no negative branch
 
     def sample_u(self, g: torch.Generator, k: int) -> Tensor:
-        """u in [0, 1): uniform, logit-normal (sigmoid of N(mean, std)) or the SD3 paper's mode sampling."""
-        if self.sampling == "logit_normal":
-            return torch.sigmoid(torch.randn(k, generator=g) * self.logit_std + self.logit_mean)
-        u = torch.rand(k, generator=g)
-        if self.sampling == "mode":
-            u = 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-        return u
+        """u in [0, 1): uniform, logit-normal (sigmoid of N(mean, std)) or the SD3 paper's mode sampling (Esser et
+        al. 2024, eqs. 19 and 20) -- diffusers' own ``compute_density_for_timestep_sampling``, fed the pair's
+        generator so the draw stays keyed by (seed, step, row)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling  # diffusers: loaded with the model
+
+        return compute_density_for_timestep_sampling(self.sampling, k, self.logit_mean, self.logit_std,
+                                                     self.mode_scale, device="cpu", generator=g)
 
     def draw(self, shape: tuple, generators: list[torch.Generator], device, shared: bool = True):
         """Noise and sigma per pair (or per image) from the pair's own generator; sigma is a float tensor."""

@@ -145,6 +145,7 @@ class DiffusionRecipe(RecipeBase):
     def _add_lora(self, unet):
         """LoRA adapters (fp32) on the frozen base, which is kept in model.frozen_dtype -- the diffusers scripts'
         way -- or stored lower still (model.storage_dtype, upcast per layer: mmalign.diffusion.storage)."""
+        from diffusers.training_utils import cast_training_params  # diffusers: loaded with the model already
         from peft import LoraConfig
 
         lo = self.cfg.model.lora
@@ -154,9 +155,7 @@ class DiffusionRecipe(RecipeBase):
         unet.add_adapter(LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
                                     init_lora_weights="gaussian" if lo.init == "gaussian" else True,
                                     target_modules=lo.target_modules or list(self.family.lora_targets)))
-        for p in unet.parameters():  # trainable LoRA weights stay fp32
-            if p.requires_grad:
-                p.data = p.data.float()
+        cast_training_params(unet, torch.float32)  # trainable LoRA weights stay fp32 (diffusers' helper)
         if self.cfg.model.storage_dtype is not None:
             store_frozen(unet, STORAGE_DTYPES[self.cfg.model.storage_dtype], self.dtype)
 
