@@ -100,7 +100,19 @@ def _unwrap(out) -> Tensor:
     return out[0]
 
 
-class HFClip:
+class _Contrastive:
+    """What the two CLIP backbones share: the device of their weights and the learned temperature."""
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale.exp()
+
+
+class HFClip(_Contrastive):
     """transformers ``CLIPModel`` / ``AlignModel`` (anything with get_image/text_features)."""
 
     def __init__(self, model, tokenizer, size: int = 224, mean=OPENAI_MEAN, std=OPENAI_STD, mode="crop",
@@ -124,14 +136,6 @@ class HFClip:
         kw.setdefault("max_length", min(77, getattr(tc, "max_position_embeddings", 77) or 77))
         return cls(model, proc.tokenizer, size=size, image_processor=ip, **kw)
 
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    @property
-    def logit_scale(self) -> Tensor:
-        return self.model.logit_scale.exp()
-
     def pixels(self, images) -> Tensor:
         """PIL images through the model's own image processor (what PickScore's and torchmetrics' code do);
         tensors through the differentiable path."""
@@ -153,7 +157,7 @@ class HFClip:
         return self
 
 
-class OpenClip:
+class OpenClip(_Contrastive):
     """open_clip model: a built-in name + ``pretrained`` file/tag, or ``local-dir:`` / ``hf-hub:`` ids."""
 
     def __init__(self, model, tokenizer, size: int, mean=OPENAI_MEAN, std=OPENAI_STD, mode: str = "crop"):
@@ -187,14 +191,6 @@ class OpenClip:
         resize_mode = mode or ("pad" if pc.get("resize_mode") == "longest" else "crop")
         return cls(model, tok, int(size), tuple(pc.get("mean", OPENAI_MEAN)), tuple(pc.get("std", OPENAI_STD)),
                    resize_mode, **kw)
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    @property
-    def logit_scale(self) -> Tensor:
-        return self.model.logit_scale.exp()
 
     def image_features(self, images) -> Tensor:
         x = preprocess(images, self.size, self.mean, self.std, self.mode).to(self.device)

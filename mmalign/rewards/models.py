@@ -63,6 +63,8 @@ class Reward:
     differentiable = False
     default_model = ""
     weights = "any checkpoint of the stated architecture"
+    backbone_cls = None
+    """a backbone class with ``load(name)``: ``load`` is then that backbone of ``model or default_model``"""
 
     def __init__(self, backbone, device=None):
         self.backbone = backbone
@@ -71,7 +73,9 @@ class Reward:
 
     @classmethod
     def load(cls, model: str | None = None, device=None, **kw):
-        raise NotImplementedError
+        if cls.backbone_cls is None:
+            raise NotImplementedError
+        return cls(cls.backbone_cls.load(model or cls.default_model), device)
 
     @classmethod
     def tiny(cls, device=None, **kw):
@@ -324,10 +328,7 @@ class Dino(Reward):
     needs_references = True
     default_model = "facebook/dino-vits16"
     weights = "facebook/dino-vits16 (Apache-2.0)"
-
-    @classmethod
-    def load(cls, model=None, device=None, **kw):
-        return cls(DinoViT.load(model or cls.default_model), device)
+    backbone_cls = DinoViT
 
     @classmethod
     def tiny(cls, device=None, **kw):
@@ -352,10 +353,7 @@ class ToyClip(Reward):
     differentiable = True
     default_model = str(TOY_CLIP)
     weights = "shipped in assets/models/toy-clip (trained here; Apache-2.0 like the project)"
-
-    @classmethod
-    def load(cls, model=None, device=None, **kw):
-        return cls(OpenClip.load(model or cls.default_model), device)
+    backbone_cls = OpenClip
 
     @classmethod
     def tiny(cls, device=None, **kw):
