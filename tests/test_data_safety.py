@@ -12,7 +12,8 @@ from mmalign.data.images import contained_path, open_image
 from mmalign.data.records import DataError
 from mmalign.toyworld.world import synthetic_pairs
 from mmalign.diffusion.data import PreferencePairs
-from mmalign.rewards.scoring import read_prompts, write_html
+from mmalign.eval.report import write_score_gallery as write_html
+from mmalign.rewards.scoring import read_prompts
 
 
 def image_folder(tmp_path: Path, bad_name: str) -> Path:

@@ -96,7 +96,7 @@ def test_import_graph_has_no_circle():
 
 
 GROUND = ("mmalign.losses", "mmalign.registry", "mmalign.utils", "mmalign.config", "mmalign.paths",
-          "mmalign.data.records", "mmalign.data.images", "mmalign.worlds", "mmalign.evaluation")
+          "mmalign.data.records", "mmalign.data.images", "mmalign.worlds", "mmalign.eval")
 RECIPE_LAYER = ("mmalign.train", "mmalign.cli", "mmalign.demo")
 PLUGINS = ("mmalign.toyworld", "mmalign.demo")
 

@@ -477,7 +477,7 @@ def test_eval_names_cannot_climb_out_of_out(tmp_path, capsys):
 def test_csv_cells_that_look_like_formulas_are_quoted(tmp_path):
     import csv
 
-    from mmalign.rewards.scoring import write_rows
+    from mmalign.data.records import write_rows
 
     write_rows(str(tmp_path / "s.csv"), [{"prompt": '=HYPERLINK("http://x","y")', "score": -0.5},
                                          {"prompt": "+1", "score": 0.25}, {"prompt": "@SUM(A1)", "score": 1.0},

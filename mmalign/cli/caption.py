@@ -24,7 +24,7 @@ def run(args) -> int:
 
     from mmalign.data.images import list_images, read_images
     from mmalign.models.captioner import caption_images, load_captioner, tiny_clipcap
-    from mmalign.rewards.scoring import write_rows
+    from mmalign.data.records import write_rows
     from mmalign.utils import print_table
 
     if not args.model and not args.tiny:

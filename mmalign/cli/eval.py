@@ -65,7 +65,8 @@ def run(args) -> int:
     from mmalign.cli.score import parse_models, parse_reward_args
     from mmalign.data.prompts import load_prompts
     from mmalign.diffusion.sampling import LORA_FILE, load_pipeline, made_by, sample_to_folder
-    from mmalign.evaluation import evaluate_folders, format_rows
+    from mmalign.eval.folders import evaluate_folders
+    from mmalign.eval.report import format_rows
     from mmalign.utils import print_table
 
     if not args.reward:

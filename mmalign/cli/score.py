@@ -54,13 +54,8 @@ def run(args) -> int:
 
     from mmalign.data.images import list_images, read_images
     from mmalign.rewards import reward_table
-    from mmalign.rewards.scoring import (
-        check_inputs,
-        read_prompts,
-        score_images,
-        write_html,
-        write_scores,
-    )
+    from mmalign.eval.report import write_score_gallery
+    from mmalign.rewards.scoring import check_inputs, read_prompts, score_images, write_scores
     from mmalign.utils import print_table
 
     if args.list:
@@ -85,6 +80,6 @@ def run(args) -> int:
         print(f"{len(bad)} unreadable image(s) skipped")
     print(f"scores -> {args.out}")
     if args.html:
-        write_html(args.html, files, images, prompts, scores)
+        write_score_gallery(args.html, files, images, prompts, scores)
         print(f"report -> {args.html}")
     return 0

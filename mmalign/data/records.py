@@ -5,6 +5,7 @@ file and line (JSONL) or the missing column and what the data has.
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -120,3 +121,32 @@ def rename_columns(ds, mapping: dict[str, str], source: str):
             ds = ds.remove_columns(dst)
         ds = ds.rename_column(src, dst)
     return ds
+
+
+# ------------------------------------------------------------------ writing tables
+
+
+def write_rows(out: str, rows: list[dict]):
+    """One dict per row to ``.jsonl`` or ``.csv`` (header from the first row's keys)."""
+    if not out.endswith((".jsonl", ".csv")):
+        raise DataError(f"--out must end in .csv or .jsonl, got {out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if out.endswith(".jsonl"):
+        with open(out, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+    else:
+        with open(out, "w", newline="") as fh:
+            fields = list(dict.fromkeys(k for r in rows for k in r))  # every key, in order of first appearance
+            w = csv.DictWriter(fh, fieldnames=fields, restval="")
+            w.writeheader()
+            w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v):
+    """A text cell that a spreadsheet would run as a formula (starting with = + - @, tab or CR: a prompt like
+    ``=HYPERLINK(...)``) gets a leading apostrophe, the OWASP CSV-injection rule; numbers are left as they are."""
+    return "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v

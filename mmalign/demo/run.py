@@ -31,7 +31,7 @@ from mmalign.config import config_from_dict, deep_merge
 from mmalign.diffusion.data import write_pickapic_parquet
 from mmalign.diffusion.models import load_components
 from mmalign.diffusion.sampling import detect_kind
-from mmalign.evaluation import wins
+from mmalign.eval.stats import wins
 from mmalign.toyworld.world import all_prompts, is_correct, oracle_score
 from mmalign.train.diffusion import run as run_diffusion
 from mmalign.train.sections import RECIPES

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from mmalign.data.prompts import load_prompts
 from mmalign.data.records import load_table
-from mmalign.evaluation import bootstrap_ci
+from mmalign.eval.stats import bootstrap_ci
 from mmalign.rewards.signals import brightness, diversity, saturation
 from mmalign.rewards.spec import load_image_rewards
 from mmalign.utils import atomic_folder

@@ -3,16 +3,12 @@
 
     score_images(names, images, prompts, references, ...) -> {reward: [score per image]}
     read_prompts(files, prompts_file, prompt, root)        prompts for a folder (metadata.jsonl by default)
-    write_rows / write_scores                              .csv / .jsonl tables
-    write_html                                             a self-contained gallery, every text escaped
+    write_scores                                           the .csv / .jsonl table of scores
     label_pairs                                            reward -> preference labels for image pairs
 """
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import io
 import json
 import logging
 import sys
@@ -22,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmalign.data.images import contained_path, open_image
-from mmalign.data.records import DataError
+from mmalign.data.records import DataError, write_rows
 
 from .models import REWARDS, load_reward
 
@@ -111,70 +107,6 @@ def write_scores(out: str, files, prompts, scores: dict[str, list[float]]):
         r.update({n: v[i] for n, v in scores.items()})
         rows.append(r)
     write_rows(out, rows)
-
-
-def write_rows(out: str, rows: list[dict]):
-    """One dict per row to ``.jsonl`` or ``.csv`` (header from the first row's keys)."""
-    if not out.endswith((".jsonl", ".csv")):
-        raise DataError(f"--out must end in .csv or .jsonl, got {out}")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if out.endswith(".jsonl"):
-        with open(out, "w") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-    else:
-        with open(out, "w", newline="") as fh:
-            fields = list(dict.fromkeys(k for r in rows for k in r))  # every key, in order of first appearance
-            w = csv.DictWriter(fh, fieldnames=fields, restval="")
-            w.writeheader()
-            w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
-
-
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(v):
-    """A text cell that a spreadsheet would run as a formula (starting with = + - @, tab or CR: a prompt like
-    ``=HYPERLINK(...)``) gets a leading apostrophe, the OWASP CSV-injection rule; numbers are left as they are."""
-    return "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v
-
-
-def _thumb(im, size=160) -> str:
-    from PIL import Image
-
-    t = im.copy()
-    scale = size / max(t.size)
-    t = t.resize((max(1, round(t.width * scale)), max(1, round(t.height * scale))), Image.NEAREST
-                 if max(im.size) < size else Image.BICUBIC)
-    buf = io.BytesIO()
-    t.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def write_html(path: str, files, images, prompts, scores: dict[str, list[float]]):
-    """A self-contained gallery: summary table, then thumbnails sorted by the first reward."""
-    names = list(scores)
-    order = sorted(range(len(files)), key=lambda i: -scores[names[0]][i])
-    summary = "".join(f"<tr><td>{html.escape(n)}</td><td>{np.mean(v):.4f}</td><td>{np.std(v):.4f}</td>"
-                      f"<td>{np.min(v):.4f}</td><td>{np.max(v):.4f}</td></tr>" for n, v in scores.items())
-    cards = []
-    for rank, i in enumerate(order, 1):
-        sc = "".join(f"<div><b>{html.escape(n)}</b> {scores[n][i]:.4f}</div>" for n in names)
-        pr = html.escape(prompts[i]) if prompts and prompts[i] else ""
-        cards.append(f'<figure><img src="{_thumb(images[i])}" alt="{html.escape(files[i].name)}">'
-                     f'<figcaption><div class="rank">#{rank} {html.escape(files[i].name)}</div>'
-                     f'<div class="prompt">{pr}</div>{sc}</figcaption></figure>')
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>mmalign scores</title>
-<style>body{{font-family:system-ui,sans-serif;margin:24px;background:#fafafa}}
-table{{border-collapse:collapse;margin-bottom:20px}}td,th{{border:1px solid #ccc;padding:4px 10px}}
-.grid{{display:flex;flex-wrap:wrap;gap:12px}}figure{{margin:0;background:#fff;border:1px solid #ddd;padding:8px;width:180px}}
-img{{width:160px;height:160px;object-fit:contain;image-rendering:pixelated;background:#eee}}
-figcaption{{font-size:12px}}.rank{{color:#555}}.prompt{{font-style:italic;margin:2px 0}}</style></head><body>
-<h1>Reward scores</h1><p>{len(files)} images, sorted by <b>{html.escape(names[0])}</b> (highest first).</p>
-<table><tr><th>reward</th><th>mean</th><th>std</th><th>min</th><th>max</th></tr>{summary}</table>
-<div class="grid">{''.join(cards)}</div></body></html>"""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(doc)
 
 
 # ------------------------------------------------------------------ label
