@@ -30,7 +30,7 @@ from PIL import Image
 from mmalign.config import config_from_dict, deep_merge
 from mmalign.diffusion.data import write_pickapic_parquet
 from mmalign.diffusion.models import load_components
-from mmalign.diffusion.sampling import detect_kind
+from mmalign.diffusion.sampling import detect_kind, sample_images
 from mmalign.eval.stats import wins
 from mmalign.toyworld.world import all_prompts, is_correct, oracle_score
 from mmalign.train.diffusion import run as run_diffusion
@@ -45,13 +45,9 @@ def oracle(images, prompts) -> list[float]:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], seeds: list[int], settings: DemoSettings, batch: int = 256):
-    out = []
-    for lo in range(0, len(prompts), batch):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[lo: lo + batch]]
-        out += pipe(prompts[lo: lo + batch], num_inference_steps=settings.sample_steps,
-                    guidance_scale=settings.guidance, height=32, width=32, generator=gens).images
-    return out
+def sample(pipe, prompts: list[str], seeds: list[int], settings: DemoSettings) -> list:
+    """The demo's 32 px images with its sampler settings (``mmalign.diffusion.sampling.sample_images``)."""
+    return sample_images(pipe, prompts, seeds, settings.sample_steps, settings.guidance, 32, batch_size=256)
 
 
 def label_pairs(images, prompts, scores, min_margin: float, rng: np.random.Generator) -> list[dict]:

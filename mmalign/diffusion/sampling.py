@@ -118,6 +118,22 @@ def _existing_rows(meta_file: Path) -> dict[str, dict]:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, resolution: int | None = None,
+                  batch_size: int | None = None) -> list:
+    """One PIL image per (prompt, seed) with a diffusers pipeline, ``batch_size`` at a time (all at once by default);
+    each image from its own generator seeded with its seed -- the one text-to-image sampling loop (validation grids,
+    ``mmalign sample`` / ``eval``, the demo)."""
+    kw = {"height": resolution, "width": resolution} if resolution else {}
+    n = batch_size or max(1, len(prompts))
+    out = []
+    for lo in range(0, len(prompts), n):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[lo: lo + n]]
+        out += pipe(prompts[lo: lo + n], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                    output_type="pil", **kw).images
+    return out
+
+
 def sample_to_folder(pipe, prompts: list[str], seeds: list[int], out: str | Path, steps: int = 30,
                      guidance: float = 5.0, resolution: int | None = None, batch_size: int = 8,
                      meta: dict | None = None, progress: bool = True) -> list[dict]:
@@ -136,14 +152,12 @@ def sample_to_folder(pipe, prompts: list[str], seeds: list[int], out: str | Path
     if stale:
         print(f"{out}: {stale} image(s) there were made by other weights or settings (model, LoRA, prompt, steps, "
               "guidance or resolution): sampling them again", flush=True)
-    kw = {"height": resolution, "width": resolution} if resolution else {}
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"sampling -> {out}", dynamic_ncols=True,
                disable=not progress)
     for lo in range(0, len(todo), batch_size):
         chunk = todo[lo: lo + batch_size]
-        gens = [torch.Generator().manual_seed(r["seed"]) for r in chunk]
-        images = pipe([r["prompt"] for r in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                      generator=gens, output_type="pil", **kw).images
+        images = sample_images(pipe, [r["prompt"] for r in chunk], [r["seed"] for r in chunk], steps, guidance,
+                               resolution)
         for r, im in zip(chunk, images):
             tmp = out / (r["file_name"] + ".tmp.png")
             im.save(tmp)
@@ -181,5 +195,5 @@ def read_metadata(folder: str | Path) -> list[dict]:
     return rows
 
 
-__all__ = ["detect_kind", "load_pipeline", "apply_lora", "sample_to_folder", "read_metadata", "image_name",
+__all__ = ["detect_kind", "load_pipeline", "apply_lora", "sample_images", "sample_to_folder", "read_metadata", "image_name",
            "made_by", "FLOW_KINDS"]

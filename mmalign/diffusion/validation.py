@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from mmalign.data.images import list_images, read_images
 from mmalign.rewards import load_reward
@@ -80,11 +79,3 @@ class Validator:
                 self.stop = True
                 print(f"early stop at step {step}: no reward improvement in {v.patience} evaluations "
                       f"(best {self.best_reward:.4f} at step {self.best_step})", flush=True)
-
-
-@torch.no_grad()
-def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, resolution: int):
-    """One image per (prompt, seed) with a diffusers pipeline; PIL images."""
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
-                generator=gens, output_type="pil").images
