@@ -141,6 +141,20 @@ def test_latent_cache_is_keyed_by_the_model_vae_and_preprocessing(tmp_path):
     cfg = diffusion_cfg("sd", tmp_path / "run", cache)
     keyed = set(cache_key(cfg, "train", torch.float32)["data"])
     assert fields <= keyed | NOT_CACHED, fields - keyed - NOT_CACHED
+    assert NOT_CACHED <= fields, NOT_CACHED - fields  # a renamed field cannot leave a stale name behind
+
+
+def test_the_reference_table_key_names_only_real_model_settings():
+    """The model settings left out of the precomputed reference table's key (they do not change the reference's
+    scores) are fields of the model section: a renamed field fails here instead of silently joining the key."""
+    import dataclasses
+
+    from mmalign.diffusion.cache import _NOT_REFERENCE
+    from mmalign.train.sections import DiffusionModelSection
+
+    fields = {f.name for f in dataclasses.fields(DiffusionModelSection)}
+    assert _NOT_REFERENCE <= fields, _NOT_REFERENCE - fields
+    assert {"storage_dtype", "kind", "name_or_path", "vae"} <= fields - _NOT_REFERENCE  # these do change the scores
 
 
 # ---------------------------------------------------------------------------------------------- 11. atomic writes
