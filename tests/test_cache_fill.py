@@ -150,3 +150,15 @@ def test_a_training_run_has_the_same_losses_filling_the_cache_or_reading_it(tmp_
     assert len(losses(up)) == 2
     torch.testing.assert_close(losses(fill), losses(up), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(losses(again), losses(up), rtol=1e-4, atol=1e-6)
+
+
+def test_an_up_front_build_supersedes_a_partial_fill(tmp_path):
+    """A single pass leaves a partial fill; a later run that reads the data twice builds the shard cache up front
+    and removes the parts it no longer needs."""
+    cache = tmp_path / "c"
+    base = [f"data.cache_dir={cache}", "train.batch_size=4", "train.report_to=[jsonl]"]
+    run(cfg_("sd", tmp_path / "a", *base, "train.max_steps=1"))  # 4 reads of 8 pairs: fills
+    (path,) = cache.glob("train-*")
+    assert (path / "fill").is_dir()
+    r = recipe_("sd", tmp_path / "b", *base, "train.max_steps=4")  # 16 reads: up front
+    assert isinstance(r.train_data, CachedPairs) and not (path / "fill").exists()

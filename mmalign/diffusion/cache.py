@@ -195,7 +195,7 @@ def build_cache(pairs: PreferencePairs, encode_pixels, path: str | Path, encode_
     if bar is not None:
         bar.close()
     if encode_text is not None and not (path / "empty.safetensors").exists():
-        _write_empty(path, encode_text, dtype)
+        write_empty(path, encode_text, dtype)
     return _write_report(path, len(pairs), corrupt, n_shards)
 
 
@@ -267,7 +267,7 @@ def _encode_rows(items: list[dict], encode_pixels, encode_text, flips: bool, std
     return enc
 
 
-def _write_empty(path: Path, encode_text, dtype: torch.dtype):
+def write_empty(path: Path, encode_text, dtype: torch.dtype):
     """The empty prompt's embeddings (caption dropout, classifier-free guidance), written atomically."""
     c = encode_text([""])
     empty = {"embeds": c.embeds[0], "pooled": None if c.pooled is None else c.pooled[0], "txt_ids": c.txt_ids}

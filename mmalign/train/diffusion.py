@@ -10,6 +10,7 @@ posterior sample) -- all shared by winner and loser -- and the loss core gets ``
 from __future__ import annotations
 
 import importlib.util  # importlib.import_module too
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from mmalign.diffusion import export as exporter
 from mmalign.diffusion.cache import HALF, CachedPairs, build_cache, cache_dtype, cache_options, cache_path
 from mmalign.diffusion.cache import caches_complete, compact_fill, load_or_compute_table, precompute_table
-from mmalign.diffusion.cache import reference_table_path, _write_empty
+from mmalign.diffusion.cache import reference_table_path, write_empty
 from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
 from mmalign.diffusion.fill import CacheFill, MarkUnreadable
@@ -195,7 +196,7 @@ class DiffusionRecipe(RecipeBase):
         if self.acc.is_main_process:
             path.mkdir(parents=True, exist_ok=True)
             if not (path / "empty.safetensors").exists():
-                _write_empty(path, self.inputs.encode_text, cache_dtype(self.cfg))
+                write_empty(path, self.inputs.encode_text, cache_dtype(self.cfg))
         self.acc.wait_for_everyone()
         self.inputs.fills[split] = CacheFill(path, cache_dtype(self.cfg), rank=self.acc.process_index)
         self.inputs.empty = CachedPairs.read_empty(path)
@@ -273,6 +274,7 @@ class DiffusionRecipe(RecipeBase):
         if self.acc.is_main_process:
             build_cache(pairs, self.inputs.encode_pixels, path, encode_text=self.inputs.encode_text,
                         progress=self.cfg.train.progress, **cache_options(self.cfg.data, cache_dtype(self.cfg)))
+            shutil.rmtree(path / "fill", ignore_errors=True)  # a fill of earlier single passes: superseded
         self.acc.wait_for_everyone()
         cached = CachedPairs(path, pairs)
         self.inputs.empty = cached.empty
