@@ -167,6 +167,28 @@ def test_eval_warns_when_a_tuned_folder_lost_its_diversity(tmp_path, capsys):
     assert "diversity" in out and "warning: tuned: per-prompt diversity 0.0000" in out
     rows = json.loads((tmp_path / "e" / "summary.json").read_text())["rows"]
     assert [r["fell"] for r in rows if r["reward"] == "diversity" and r["model"] == "tuned"] == [True]
+    # the semantic measure too: DINO embeddings (tiny random weights here) of identical images are identical
+    assert main(["eval", "--folder", f"base={tmp_path / 'base'}", "--folder", f"tuned={tmp_path / 'tuned'}",
+                 "--reward", "saturation", "--diversity", "dino", "--tiny", "--out", str(tmp_path / "f")]) == 0
+    out = capsys.readouterr().out
+    assert "diversity_dino" in out and "warning: tuned: per-prompt diversity (dino) 0.0000" in out
+    rows = json.loads((tmp_path / "f" / "summary.json").read_text())["rows"]
+    dino = {r["model"]: r for r in rows if r["reward"] == "diversity_dino"}
+    assert dino["base"]["mean"] > 0 and dino["tuned"]["fell"] is True
+
+
+def test_feature_diversity_hand_values():
+    """(1 - cos) / 2 averaged over the pairs: identical 0, orthogonal 0.5, opposite 1."""
+    import torch
+
+    from mmalign.rewards.signals import feature_diversity
+
+    e = torch.eye(3)
+    assert feature_diversity(torch.stack([e[0], e[0], e[0]])) == pytest.approx(0.0, abs=1e-7)
+    assert feature_diversity(e) == pytest.approx(0.5)
+    assert feature_diversity(torch.stack([e[0], -e[0]])) == pytest.approx(1.0)
+    assert feature_diversity(torch.stack([2 * e[0], e[1]])) == pytest.approx(0.5)  # scale-free
+    assert np.isnan(feature_diversity(e[:1]))
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,9 @@ def add_arguments(p):
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
+    p.add_argument("--diversity", action="append", default=[], choices=["dino"],
+                   help="also a semantic per-prompt diversity: dino = mean pairwise cosine distance of DINO "
+                        "embeddings (weights: --model dino=..., or --tiny); the pixel-space row is always there")
     p.add_argument("--reference-images", help="a folder of reference images (real photos, a base set): adds each "
                    "model's FID and KID against it (torch-fidelity)")
     p.add_argument("--inception-weights", help="local torch-fidelity Inception weights (pt_inception-2015-12-05 "
@@ -99,15 +102,26 @@ def run(args) -> int:
             sample_to_folder(pipe, prompts, args.seeds, folders[n], args.steps, args.guidance, args.resolution,
                              args.batch_size, meta=made_by(model, lora, kind))
             del pipe
-    res = evaluate_folders(folders, args.reward, out, base=next(iter(folders)), models=parse_models(args.model),
+    models = parse_models(args.model)
+    measures = {"diversity": None}  # None: the pixel-space measure
+    if "dino" in args.diversity:
+        from mmalign.rewards import load_reward
+        from mmalign.rewards.signals import dino_diversity
+
+        dino = load_reward("dino", model=models.get("dino"), device=args.device, tiny=args.tiny)
+        measures["diversity_dino"] = dino_diversity(dino.backbone)
+    res = evaluate_folders(folders, args.reward, out, base=next(iter(folders)), models=models,
                            extra=parse_reward_args(args.reward_arg), tiny=args.tiny, device=args.device,
-                           reference_images=args.reference_images, inception_weights=args.inception_weights)
+                           reference_images=args.reference_images, inception_weights=args.inception_weights,
+                           diversity=measures)
     print(f"\n{len(res['keys'])} prompt/seed items per model; 95% bootstrap intervals; ties count half")
     print_table(*format_rows(res["rows"]))
     for r in res["rows"]:
         if r.get("fell"):
-            base = next(b for b in res["rows"] if b["reward"] == "diversity" and b["model"] == res["base"])
-            print(f"warning: {r['model']}: per-prompt diversity {r['mean']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] fell "
+            base = next(b for b in res["rows"] if b["reward"] == r["reward"] and b["model"] == res["base"])
+            what = "diversity" + (f" ({r['reward'].removeprefix('diversity_')})" if r["reward"] != "diversity" else "")
+            print(f"warning: {r['model']}: per-prompt {what} {r['mean']:.4f} [{r['ci_low']:.4f}, "
+                  f"{r['ci_high']:.4f}] fell "
                   f"below {res['base']}'s 95% interval "
                   f"[{base['ci_low']:.4f}, {base['ci_high']:.4f}] -- collapsed samples, a sign of reward hacking")
     print(f"-> {out / 'summary.csv'}, {out / 'scores.csv'}, {out / 'gallery.html'}")

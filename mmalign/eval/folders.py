@@ -45,9 +45,11 @@ def _open(folder, name: str):
 def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: str | Path, base: str | None = None,
                      models: dict | None = None, extra: dict | None = None, tiny: bool = False, device=None,
                      batch_size: int = 16, seed: int = 0, gallery_items: int = 64,
-                     reference_images: str | Path | None = None, inception_weights: str | None = None) -> dict:
+                     reference_images: str | Path | None = None, inception_weights: str | None = None,
+                     diversity: dict | None = None) -> dict:
     """Score every folder's images (paired by prompt and seed) with every reward, plus each model's per-prompt
-    diversity (``diversity_rows``: flagged when it fell below the base's interval) and, given
+    diversity (``diversity_rows``, one row per ``diversity`` measure, {name: measure or None for pixels}: flagged
+    when it fell below the base's interval) and, given
     ``reference_images``, its FID / KID against them (``fidelity_rows``); write ``scores.csv`` (one row per item
     and model), ``summary.json`` / ``summary.csv`` and ``gallery.html`` under ``out``."""
     from mmalign.rewards.scoring import check_inputs, score_images  # reward models: loaded when scored
@@ -62,7 +64,8 @@ def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: st
     scores = {n: score_images(rewards, images[n], prompts, None, models, extra, tiny, device, batch_size)
               for n in names}
     rows = summarize_scores(scores, base=base, seed=seed)
-    rows += diversity_rows(images, keys, base, seed)
+    for name, measure in (diversity or {"diversity": None}).items():  # None: the pixel-space measure
+        rows += diversity_rows(images, keys, base, seed, measure, name)
     if reference_images is not None:
         rows += fidelity_rows(folders, reference_images, inception_weights, device)
     write_rows(str(out / "scores.csv"), [{"model": n, "prompt": k[0], "seed": k[1], "file": by[n][k]["file_name"],

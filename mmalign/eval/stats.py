@@ -52,12 +52,16 @@ def summarize_scores(scores: dict[str, dict[str, list[float]]], base: str = "bas
     return rows
 
 
-def diversity_rows(images: dict[str, list], keys: list[tuple[str, int]], base: str, seed: int = 0) -> list[dict]:
-    """Per-prompt sample diversity (``mmalign.rewards.signals.diversity`` of a prompt's images over its seeds) for
-    every model: mean over prompts with its 95 % interval; for other models the share of prompts more diverse than
-    base and ``fell``: True when its whole interval lies below the base's (collapsed diversity, a reward-hacking
-    sign; two intervals that overlap are not evidence). Empty when no prompt has two seeds."""
+def diversity_rows(images: dict[str, list], keys: list[tuple[str, int]], base: str, seed: int = 0,
+                   measure=None, name: str = "diversity") -> list[dict]:
+    """Per-prompt sample diversity (``measure`` of a prompt's images over its seeds: by default the pixel-space
+    ``mmalign.rewards.signals.diversity``; ``dino_diversity`` for a semantic one) for every model: mean over prompts
+    with its 95 % interval; for other models the share of prompts more diverse than base and ``fell``: True when its
+    whole interval lies below the base's (collapsed diversity, a reward-hacking sign; two intervals that overlap
+    are not evidence). Rows named ``name``; empty when no prompt has two seeds."""
     from mmalign.rewards.signals import diversity  # lazy: signals imports torch, which report-only users skip
+
+    measure = measure or diversity
 
     by_prompt: dict[str, list[int]] = {}
     for i, (prompt, _) in enumerate(keys):
@@ -65,12 +69,12 @@ def diversity_rows(images: dict[str, list], keys: list[tuple[str, int]], base: s
     groups = [ix for ix in by_prompt.values() if len(ix) >= 2]
     if not groups:
         return []
-    per = {m: [diversity([ims[i] for i in ix]) for ix in groups] for m, ims in images.items()}
+    per = {m: [measure([ims[i] for i in ix]) for ix in groups] for m, ims in images.items()}
     rows = []
     for m in [base] + [m for m in per if m != base]:
         v = per[m]
         lo, hi = bootstrap_ci(v, seed=seed)
-        row = {"reward": "diversity", "model": m, "n": len(v), "mean": float(np.mean(v)), "ci_low": lo, "ci_high": hi}
+        row = {"reward": name, "model": m, "n": len(v), "mean": float(np.mean(v)), "ci_low": lo, "ci_high": hi}
         if m != base:
             w = wins(v, per[base])
             wl, wh = bootstrap_ci(w, seed=seed + 1)

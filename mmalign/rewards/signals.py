@@ -56,6 +56,27 @@ def diversity(images, size: int = 16) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
+def feature_diversity(features: Tensor) -> float:
+    """Mean pairwise cosine distance, (1 - cos) / 2 in [0, 1], between the rows of ``features`` (one embedding per
+    image of a set); identical images give 0."""
+    f = torch.nn.functional.normalize(features.float(), dim=-1)
+    n = len(f)
+    if n < 2:
+        return float("nan")
+    d = ((1 - f @ f.T) / 2).clamp_min(0)  # (rounding can put identical rows a hair below 0)
+    return float(d.sum() / (n * (n - 1)))  # the zero diagonal left out of the mean
+
+
+def dino_diversity(backbone):
+    """A set measure for ``diversity_rows``: ``feature_diversity`` of DINO [CLS] embeddings (``DinoViT``, the
+    ``dino`` reward's backbone) -- what changed in content, blind to pixel noise the pixel measure counts."""
+    @torch.no_grad()
+    def measure(images) -> float:
+        return feature_diversity(backbone.image_features(images))
+
+    return measure
+
+
 class _Statistic(Reward):
     """An image statistic with the ``Reward`` interface (no model, no prompts)."""
 
