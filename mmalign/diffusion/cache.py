@@ -31,6 +31,7 @@ from mmalign.paths import WEIGHT_SUFFIXES, fingerprint, resolve
 
 from .data import ImagePairBatch, PreferencePairs
 from .fill import CacheFill, required_keys
+from .options import PairDrawOptions
 
 Tensor = torch.Tensor
 
@@ -47,10 +48,10 @@ def cache_meta(pairs: PreferencePairs, flips: bool = True, text: bool = True, dt
             "dtype": str(dtype).removeprefix("torch."), "std": std}
 
 
-def cache_options(data_cfg, dtype: torch.dtype) -> dict:
-    """The ``build_cache`` options a diffusion data section asks for -- one place for the build and for
-    ``caches_complete``, so a finished cache is always recognised as the one the run would build."""
-    return {"flips": data_cfg.random_flip, "dtype": dtype, "std": data_cfg.vae_latents == "sample"}
+def cache_options(options: PairDrawOptions, dtype: torch.dtype) -> dict:
+    """The ``build_cache`` options the pair draws ask for -- one place for the build and for ``caches_complete``,
+    so a finished cache is always recognised as the one the run would build."""
+    return {"flips": options.random_flip, "dtype": dtype, "std": options.vae_latents == "sample"}
 
 
 # data settings that do not change what is cached (step-time draws, other splits, bookkeeping); every other

@@ -16,16 +16,18 @@ from mmalign.utils import example_generator
 
 from .data import ImagePairBatch
 from .families import Cond, Family, sdxl_time_ids
+from .options import PairDrawOptions
 from .users import with_user_tokens
 
 Tensor = torch.Tensor
 
 
 class PairInputs:
-    def __init__(self, family: Family, pipe, vae, data_cfg, seed: int, device, dtype: torch.dtype,
+    def __init__(self, family: Family, pipe, vae, options: PairDrawOptions, seed: int, device, dtype: torch.dtype,
                  user_tokens: Callable | None = None):
-        """``user_tokens(batch, embeds) -> embeds``: PPD appends the pair's user tokens (None otherwise)."""
-        self.family, self.pipe, self.vae, self.d, self.seed = family, pipe, vae, data_cfg, seed
+        """``options``: what is drawn per pair (the recipe's data section is one); ``user_tokens(batch, embeds) ->
+        embeds``: PPD appends the pair's user tokens (None otherwise)."""
+        self.family, self.pipe, self.vae, self.d, self.seed = family, pipe, vae, options, seed
         self.device, self.dtype, self.user_tokens = device, dtype, user_tokens
         self.empty: dict | None = None  # cached empty-prompt conditioning (caption dropout with a text cache)
         self.fills: dict = {}  # split -> CacheFill: a cache filled by the steps (data.cache_build=while_training)

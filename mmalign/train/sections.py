@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from mmalign.config import ConfigError, config_from_dict, read_config
+from mmalign.diffusion.options import PairDrawOptions
 from mmalign.losses import LOSSES
 from mmalign.registry import Registry
 
@@ -415,7 +416,10 @@ class DiffusionModelSection(PolicySource):
 
 
 @dataclass(kw_only=True)
-class DiffusionDataSection:
+class DiffusionDataSection(PairDrawOptions):
+    """Image preference pairs: where they come from, how they are read and cached; what is drawn per pair comes
+    from the diffusion wing's own ``PairDrawOptions`` (resolution, flip, caption dropout, noise draws, latents)."""
+
     train: Optional[str] = None
     """Pick-a-Pic-style parquet file/folder, save_to_disk folder, imagefolder with metadata.jsonl, or hub name
     (optional for online runs, whose pairs are sampled; their prompts default to its captions)"""
@@ -429,16 +433,10 @@ class DiffusionDataSection:
     """use only the first N evaluation pairs"""
     columns: dict[str, str] = field(default_factory=dict)
     """rename source columns to the Pick-a-Pic names, e.g. {prompt: caption}"""
-    resolution: int = 512
-    """square training resolution in pixels (a multiple of 8; 16 for Flux's packed latents)"""
     center_crop: bool = True
     """center crop (torchvision's geometry); false: a random crop drawn once per (seed, row)"""
-    random_flip: bool = True
-    """horizontal flip, the same for both images of a pair"""
     drop_ties: bool = True
     """drop pairs labelled 0.5 / 0.5 (counted); false makes a tie an error"""
-    caption_dropout: float = 0.0
-    """probability of an empty prompt, the same for both images of a pair (Salesforce default: 0.2)"""
     max_examples: Optional[int] = None
     """use only the first N (non-tie) pairs"""
     cache_dir: Optional[str] = None
@@ -449,31 +447,16 @@ class DiffusionDataSection:
     (mmalign.diffusion.fill; complete, it becomes the shard cache). auto: while_training when the run reads each
     training pair at most once (max_steps x batch x grad_accum x processes <= pairs) and the reference is not
     precomputed, else before_training"""
-    noise_draws: int = 0
-    """0: fresh noise and t every step; K > 0: K fixed draws per pair (required by reference=precomputed)"""
     dual_captions: bool = False
     """DCPO: read caption_0 / caption_1 and condition each image on its own caption"""
     label_mode: Literal["winner_first", "soft"] = "winner_first"
     """soft: keep image 0 as 'chosen' and pass label_0 as a per-pair soft label (RPO's reference-vs-generated
     pairs with Bernoulli labels); winner_first: reorder so the preferred image comes first"""
-    shared_noise: bool = True
-    """winner and loser share t and noise (Diffusion-DPO); false draws them independently (RPO)"""
     allow_outside_root: bool = False
     """an image-folder dataset may name files outside its folder (../x.png, absolute paths): trusted data only"""
-    vae_latents: Literal["sample", "mean"] = "sample"
-    """sample: z = mean + std * eps with eps from the pair's keyed generator -- what the diffusers and
-    Salesforce scripts do (latent_dist.sample()) and how SD was pretrained; deterministic and cacheable here
-    (the cache keeps the posterior std). mean: the posterior mean (for models pretrained on means, like the demo's)"""
     cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of cached latents / embeddings; auto = the training dtype (fp32 without mixed precision)"""
 
-    def validate(self):
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.noise_draws < 0:
-            raise ConfigError(f"data.noise_draws must be >= 0, got {self.noise_draws}")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,38 @@
+"""Options the diffusion wing owns: plain dataclasses (no torch, so reading a config stays light) that the
+recipe's config sections compose -- the arrow points from the recipe to the wing, as an import, and a field is
+named in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mmalign.config import ConfigError
+
+
+@dataclass(kw_only=True)
+class PairDrawOptions:
+    """What ``PairInputs`` draws and builds for every pair, and what the latent cache's options depend on (the
+    ``data`` section of a diffusion recipe)."""
+
+    resolution: int = 512
+    """square training resolution in pixels (a multiple of 8; 16 for Flux's packed latents)"""
+    random_flip: bool = True
+    """horizontal flip, the same for both images of a pair"""
+    caption_dropout: float = 0.0
+    """probability of an empty prompt, the same for both images of a pair (Salesforce default: 0.2)"""
+    noise_draws: int = 0
+    """0: fresh noise and t every step; K > 0: K fixed draws per pair (required by reference=precomputed)"""
+    shared_noise: bool = True
+    """winner and loser share t and noise (Diffusion-DPO); false draws them independently (RPO)"""
+    vae_latents: Literal["sample", "mean"] = "sample"
+    """sample: z = mean + std * eps with eps from the pair's keyed generator -- what the diffusers and
+    Salesforce scripts do (latent_dist.sample()) and how SD was pretrained; deterministic and cacheable here
+    (the cache keeps the posterior std). mean: the posterior mean (for models pretrained on means, like the demo's)"""
+
+    def validate(self):
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.noise_draws < 0:
+            raise ConfigError(f"data.noise_draws must be >= 0, got {self.noise_draws}")
