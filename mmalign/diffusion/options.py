@@ -3,8 +3,8 @@ recipe's config sections compose -- the arrow points from the recipe to the wing
 named in one place."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
 from mmalign.config import ConfigError
 
@@ -36,3 +36,34 @@ class PairDrawOptions:
             raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
         if self.noise_draws < 0:
             raise ConfigError(f"data.noise_draws must be >= 0, got {self.noise_draws}")
+
+
+@dataclass(kw_only=True)
+class ValidationOptions:
+    """What ``Validator`` samples, scores and keeps at every evaluation (the ``validation`` section of a diffusion
+    recipe)."""
+
+    prompts: list[str] = field(default_factory=list)
+    """validation prompts: a grid of samples at step 0 and every train.eval_every steps ([] = none)"""
+    seed: int = 0
+    """the first sampling seed of the validation images (the same every evaluation)"""
+    images_per_prompt: int = 2
+    """images per validation prompt (seeds seed, seed + 1, ...)"""
+    num_inference_steps: int = 20
+    """sampler steps of the validation images"""
+    guidance_scale: float = 5.0
+    """classifier-free guidance of the validation images"""
+    resolution: Optional[int] = None
+    """validation image size (default data.resolution)"""
+    reward: Optional[str] = None
+    """score validation images with this REWARDS entry (e.g. lambda_harmonic) -> eval/reward"""
+    reward_model: Optional[str] = None
+    """weights for validation.reward (hub id or path; default the reward's own)"""
+    reward_args: dict[str, Any] = field(default_factory=dict)
+    """extra loader arguments of validation.reward"""
+    references: Optional[str] = None
+    """folder of reference (subject) images for reference-based rewards"""
+    select_best: bool = False
+    """export the model to <output_dir>/best whenever eval/reward improves (RPO's checkpoint selection)"""
+    patience: int = 0
+    """early stopping: stop after this many evaluations without improvement (0 = never)"""

@@ -18,9 +18,10 @@ from mmalign.data.images import list_images, read_images
 from mmalign.rewards import load_reward
 
 from .data import make_grid
+from .options import ValidationOptions
 
 
-def reward_scorer(section, device) -> Callable | None:
+def reward_scorer(section: ValidationOptions, device) -> Callable | None:
     """``validation.reward`` (a REWARDS name) as ``fn(images, prompts) -> list[float]``, or None."""
     if section.reward is None:
         return None
@@ -33,7 +34,7 @@ def reward_scorer(section, device) -> Callable | None:
 
 
 class Validator:
-    def __init__(self, section, resolution: int, output_dir: str, sample_fn: Callable, export_fn: Callable,
+    def __init__(self, section: ValidationOptions, resolution: int, output_dir: str, sample_fn: Callable, export_fn: Callable,
                  scorer: Callable | None = None):
         """``sample_fn(prompts, seeds, steps, guidance, resolution) -> images``; ``export_fn(path, card)``."""
         self.v, self.resolution = section, resolution

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from mmalign.config import ConfigError, config_from_dict, read_config
-from mmalign.diffusion.options import PairDrawOptions
+from mmalign.diffusion.options import PairDrawOptions, ValidationOptions
 from mmalign.losses import LOSSES
 from mmalign.registry import Registry
 
@@ -510,33 +510,9 @@ class FlowSection:
 
 
 @dataclass(kw_only=True)
-class ValidationSection:
-    """Sample grids from fixed prompts and seeds at every ``train.eval_every`` steps (and step 0)."""
-
-    prompts: list[str] = field(default_factory=list)
-    """validation prompts: a grid of samples at step 0 and every train.eval_every steps ([] = none)"""
-    seed: int = 0
-    """the first sampling seed of the validation images (the same every evaluation)"""
-    images_per_prompt: int = 2
-    """images per validation prompt (seeds seed, seed + 1, ...)"""
-    num_inference_steps: int = 20
-    """sampler steps of the validation images"""
-    guidance_scale: float = 5.0
-    """classifier-free guidance of the validation images"""
-    resolution: Optional[int] = None
-    """validation image size (default data.resolution)"""
-    reward: Optional[str] = None
-    """score validation images with this REWARDS entry (e.g. lambda_harmonic) -> eval/reward"""
-    reward_model: Optional[str] = None
-    """weights for validation.reward (hub id or path; default the reward's own)"""
-    reward_args: dict[str, Any] = field(default_factory=dict)
-    """extra loader arguments of validation.reward"""
-    references: Optional[str] = None
-    """folder of reference (subject) images for reference-based rewards"""
-    select_best: bool = False
-    """export the model to <output_dir>/best whenever eval/reward improves (RPO's checkpoint selection)"""
-    patience: int = 0
-    """early stopping: stop after this many evaluations without improvement (0 = never)"""
+class ValidationSection(ValidationOptions):
+    """Sample grids from fixed prompts and seeds at every ``train.eval_every`` steps (and step 0); the fields are
+    the diffusion wing's ``ValidationOptions``."""
 
 
 @dataclass(kw_only=True)
