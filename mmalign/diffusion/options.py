@@ -8,6 +8,11 @@ from typing import Any, Literal, Optional
 
 from mmalign.config import ConfigError
 
+DEFAULT_BETA = 5000.0
+"""Diffusion-DPO's beta when a config names none: the diffusers SD1.5 LoRA script's 2500 on our scale (we keep
+the paper's 0.5, ``families.BETA_SCALE``, which that script omits) -- the one default the recipe schema and the
+recipe share."""
+
 
 @dataclass(kw_only=True)
 class PairDrawOptions:

@@ -22,6 +22,7 @@ from mmalign.diffusion.cache import reference_table_path, write_empty
 from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
 from mmalign.diffusion.fill import CacheFill, MarkUnreadable
+from mmalign.diffusion.options import DEFAULT_BETA
 from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.online import DiffusionRounds
@@ -83,7 +84,7 @@ class DiffusionRecipe(RecipeBase):
     def __init__(self, cfg: DiffusionConfig, accelerator, components: Components | None = None, scorer=None):
         self.cfg, self.acc = cfg, accelerator
         self.loss_fn, self.hp = cfg.loss.fn, dict(cfg.loss.params)
-        self.beta = float(self.hp.pop("beta", 5000.0))
+        self.beta = float(self.hp.pop("beta", DEFAULT_BETA))
         dev, self.dtype = accelerator.device, frozen_dtype(cfg)
         d = cfg.data
         # online runs sample their pairs round by round (mmalign.diffusion.online): no pair data to read

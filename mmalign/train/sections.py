@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from mmalign.config import ConfigError, config_from_dict, read_config
-from mmalign.diffusion.options import PairDrawOptions, ValidationOptions
+from mmalign.diffusion.options import DEFAULT_BETA, PairDrawOptions, ValidationOptions
 from mmalign.losses import LOSSES
 from mmalign.registry import Registry
 
@@ -627,7 +627,7 @@ class DiffusionConfig:
     """the model trained: a hub id / local folder or a tiny config, LoRA or full fine-tuning, and its reference"""
     data: DiffusionDataSection
     """the training (and evaluation) data"""
-    loss: LossSection = field(default_factory=lambda: LossSection(name="dpo", params={"beta": 5000.0}))
+    loss: LossSection = field(default_factory=lambda: LossSection(name="dpo", params={"beta": DEFAULT_BETA}))
     """the objective: a LOSSES name and its hyper-parameters"""
     train: TrainSection = field(default_factory=TrainSection)
     """the loop: steps, batch, optimiser, schedule, precision, logging, evaluation, checkpoints"""
