@@ -162,3 +162,13 @@ def test_an_up_front_build_supersedes_a_partial_fill(tmp_path):
     assert (path / "fill").is_dir()
     r = recipe_("sd", tmp_path / "b", *base, "train.max_steps=4")  # 16 reads: up front
     assert isinstance(r.train_data, CachedPairs) and not (path / "fill").exists()
+
+
+def test_a_fill_of_many_parts_keeps_few_files_open(tmp_path):
+    fill = CacheFill(tmp_path, torch.float32, flush_every=1)  # one part per tensor
+    for r in range(40):
+        fill.put(r, "latents", torch.full((2,), float(r)))
+    again = CacheFill(tmp_path, torch.float32)
+    assert len(list((tmp_path / "fill").glob("part-*.safetensors"))) == 40
+    assert [float(again.get(r, "latents")[0]) for r in range(40)] == [float(r) for r in range(40)]
+    assert len(again._open) <= 16

@@ -45,6 +45,8 @@ class CacheFill:
         if f is None:
             return None
         if f not in self._open:
+            if len(self._open) >= 16:  # a long fill has thousands of parts: keep few files open
+                self._open.pop(next(iter(self._open)))
             self._open[f] = safe_open(str(f), "pt")
         return self._open[f].get_tensor(name)
 
