@@ -175,6 +175,8 @@ def test_eval_warns_when_a_tuned_folder_lost_its_diversity(tmp_path, capsys):
     rows = json.loads((tmp_path / "f" / "summary.json").read_text())["rows"]
     dino = {r["model"]: r for r in rows if r["reward"] == "diversity_dino"}
     assert dino["base"]["mean"] > 0 and dino["tuned"]["fell"] is True
+    page = (tmp_path / "f" / "gallery.html").read_text()
+    assert page.count('<tr class="fell">') == 2 and "FELL below base" in page  # pixel and DINO rows, marked
 
 
 def test_feature_diversity_hand_values():

@@ -21,6 +21,8 @@ def format_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         else:
             mean = f"{r['mean']:.4f}" + (f" +- {r['std']:.4f} (subsets)" if "std" in r else "") + \
                 f" vs {r['reference_images']} reference images"
+        if r.get("fell"):  # collapsed diversity: said in the table (and so in the gallery), not only in a warning
+            mean += "  FELL below base"
         out.append([r["reward"], r["model"], r["n"], mean, win])
     return ["reward", "model", "n", "mean [95% CI]", "win rate vs base [95% CI]"], out
 
@@ -48,7 +50,8 @@ def write_gallery(path: str | Path, items: list[dict], models: list[str], rows: 
         f"{len(items)} of the {total} scored prompt/seed items shown (evenly spaced)"
     head, cells = format_rows(rows)
     table = "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in cells)
+        ('<tr class="fell">' if any("FELL" in str(c) for c in r) else "<tr>")
+        + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in cells)
     cards = []
     for it in items:
         figs = []
@@ -64,7 +67,7 @@ table{{border-collapse:collapse;margin-bottom:20px}}td,th{{border:1px solid #ccc
 section{{background:#fff;border:1px solid #ddd;margin:10px 0;padding:8px 12px}}h3{{margin:4px 0 8px;font-size:15px}}
 .seed{{color:#777;font-weight:normal}}.row{{display:flex;gap:12px;flex-wrap:wrap}}figure{{margin:0;font-size:12px}}
 img{{width:192px;height:192px;object-fit:contain;image-rendering:pixelated;background:#eee;display:block}}
-.model{{font-weight:bold;margin-bottom:2px}}</style></head><body>
+.model{{font-weight:bold;margin-bottom:2px}}tr.fell td{{background:#fde2e2;color:#8a1010}}</style></head><body>
 <h1>{e(title)}</h1><p>{shown}; the same prompt and seed for every model.</p>
 <table>{table}</table>{''.join(cards)}</body></html>"""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
