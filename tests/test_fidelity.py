@@ -12,6 +12,9 @@ rounding is exercised). The official packages are test-only dependencies, instal
               and scoring steps
 * aesthetic   ``simple-aesthetics-predictor`` 0.1.2 (the LAION improved-aesthetic-predictor MLP on
               CLIPVisionModelWithProjection); the original repository is not a package
+* HPSv3       ``hpsv3`` 1.0.0: it pins transformers 4.45.2, so it runs in its own venv (``scripts/hpsv3_env.sh``;
+              ``tests/hpsv3_official.py`` builds its model class and runs its inferencer there) and the scores
+              come back as JSON
 * VQAScore    ``t2v-metrics`` 3.0, its transformers-based PaliGemma judge (the package's __init__ needs ffmpeg
               and pins torch 2.5 / transformers 4.49: ``t2v_paligemma`` loads the judge's own file)
 """
@@ -257,3 +260,50 @@ def test_vqascore_matches_t2v_metrics(monkeypatch, tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
     want = theirs.forward(paths, PROMPTS)
     torch.testing.assert_close(ours.score(ims, PROMPTS), want.float(), rtol=1e-5, atol=1e-7)
+
+
+def hpsv3_python() -> str:
+    """The interpreter of the official package's venv (``scripts/hpsv3_env.sh``); skip without it -- unless
+    MMALIGN_REQUIRE_FIDELITY=1 (CI), then fail."""
+    import os
+    from pathlib import Path
+
+    py = Path(os.environ.get("MMALIGN_HPSV3_PYTHON", Path(__file__).resolve().parents[1] / ".venv-hpsv3/bin/python"))
+    if not py.exists():
+        msg = f"{py} not found: bash scripts/hpsv3_env.sh builds the official hpsv3 package's venv"
+        if os.environ.get("MMALIGN_REQUIRE_FIDELITY") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return str(py)
+
+
+def test_hpsv3_matches_the_official_package(tmp_path):
+    """HPSv3: the package's own reward-model class and inferencer (transformers 4.45.2, its own venv) draw tiny
+    random weights and score four odd-sized images; ours loads that state dict as it loads the released
+    checkpoint (key renaming, no language-model head) and must give the same token ids and the same scores."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from mmalign.rewards.hpsv3 import tiny_base
+
+    py = hpsv3_python()
+    config, processor = tiny_base()
+    base = tmp_path / "base"  # a hub-style base: config + processor, as Qwen/Qwen2-VL-7B-Instruct brings them
+    processor.save_pretrained(base)
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", **config}))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "images").mkdir()
+    ims = images(5)
+    for i, im in enumerate(ims):
+        im.save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
+    script = Path(__file__).with_name("hpsv3_official.py")
+    run = subprocess.run([py, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = json.loads((tmp_path / "official.json").read_text())
+    assert len(set(theirs["mu"])) == len(ims)  # the weights separate the images: equality below means something
+
+    ours = load_reward("hpsv3", model=str(tmp_path / "HPSv3.safetensors"), base=str(base), device="cpu")
+    assert ours.backbone.inputs(ims, PROMPTS)["input_ids"].tolist() == theirs["input_ids"]
+    torch.testing.assert_close(ours.score(ims, PROMPTS), torch.tensor(theirs["mu"]), rtol=1e-5, atol=1e-6)

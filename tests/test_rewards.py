@@ -299,3 +299,28 @@ def test_every_reward_is_finite_batch_invariant_and_asks_for_its_inputs(world, n
     if rw.needs_references:
         with pytest.raises(ValueError, match="needs reference images"):
             rw.score(images[:3], ps, None)
+
+
+def test_hpsv3_scores_from_the_cli_and_refuses_bad_input(tmp_path, world):
+    """HPSv3 as a user runs it (``mmalign score --reward hpsv3``, tiny weights; the official checkpoint's numbers
+    are tests/test_fidelity.py's): one score per image that depends on the prompt; a prompt carrying the reward
+    token, a missing checkpoint file and a foreign checkpoint key are one-line errors."""
+    from mmalign.data.records import DataError
+    from mmalign.rewards.hpsv3 import REWARD_TOKEN, convert_official_state
+
+    d, _ = make_image_dir(tmp_path, corrupt=False)
+    r = run_cli("score", "--reward", "hpsv3", "--images", str(d), "--out", str(tmp_path / "s.csv"), "--tiny")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert len(rows) == 6 and all(math.isfinite(float(x["hpsv3"])) for x in rows)
+    images, prompts = world
+    rw = load_reward("hpsv3", tiny=True, device="cpu")
+    a, b = rw.score(images[:2], prompts[:2]), rw.score(images[:2], prompts[2:4])
+    assert (a - b).abs().max() > 1e-4  # the prompt reaches the score
+    with pytest.raises(DataError, match=r"exactly one <\|Reward\|>"):
+        rw.score(images[:1], [f"a cat {REWARD_TOKEN}"])
+    r = run_cli("score", "--reward", "hpsv3", "--model", f"hpsv3={tmp_path / 'none' / 'HPSv3.safetensors'}",
+                "--images", str(d), "--out", str(tmp_path / "x.csv"))
+    assert r.returncode != 0 and "hpsv3: no checkpoint at" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(KeyError, match="unexpected key"):
+        convert_official_state({"score_head.weight": torch.zeros(1)})

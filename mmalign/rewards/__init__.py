@@ -1,5 +1,5 @@
 """Bundled image reward models: ``REWARDS`` registry, ``load_reward``, and ``mmalign score``."""
-from . import imagereward, judge, signals  # noqa: F401  (register "imagereward", "vqascore", "saturation", ...)
+from . import hpsv3, imagereward, judge, signals  # noqa: F401  (register "hpsv3", "imagereward", "vqascore", ...)
 from .models import (
     REWARDS,
     AestheticMLP,
