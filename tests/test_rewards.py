@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from PIL import Image
 from mmalign.toyworld.world import make_dataset
 from mmalign.rewards import REWARDS, AestheticMLP, lambda_harmonic, load_reward
 from mmalign.rewards.backbones import preprocess
+from mmalign.rewards.signals import _SetSignal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -290,6 +292,8 @@ def test_every_reward_is_finite_batch_invariant_and_asks_for_its_inputs(world, n
     rw = load_reward(name, tiny=True, device="cpu")
     refs = images[3:5] if rw.needs_references else None
     ps = prompts[:3] if rw.needs_prompts else None
+    if isinstance(rw, _SetSignal):  # a score among a prompt's images: one prompt for the three
+        ps = [prompts[0]] * 3
     whole = rw.score(images[:3], ps, refs)
     assert whole.shape == (3,) and torch.isfinite(whole).all()
     torch.testing.assert_close(rw.score(images[:3], ps, refs, batch_size=1), whole, rtol=1e-4, atol=1e-5)
@@ -324,3 +328,40 @@ def test_hpsv3_scores_from_the_cli_and_refuses_bad_input(tmp_path, world):
     assert r.returncode != 0 and "hpsv3: no checkpoint at" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(KeyError, match="unexpected key"):
         convert_official_state({"score_head.weight": torch.zeros(1)})
+
+
+def test_diversity_rewards_score_each_image_among_its_prompts_images(world):
+    """``diversity`` / ``diversity_dino`` as rewards: an image's mean distance to the other images of its prompt in
+    the call, by hand on three images (two identical); the mean over one prompt's images is that set's diversity;
+    prompts do not mix; an image alone with its prompt is NaN."""
+    from mmalign.rewards.signals import diversity, feature_diversity, pixel_distances
+
+    images, _ = world
+    a, b = images[0], images[1]
+    d = float(pixel_distances([a, b])[0, 1])
+    assert d > 0.01
+    s = load_reward("diversity").score([a, a, b], ["p", "p", "p"])
+    torch.testing.assert_close(s, torch.tensor([d / 2, d / 2, d]))
+    assert abs(float(s.mean()) - diversity([a, a, b])) < 1e-6
+    s = load_reward("diversity").score([a, a, b, b], ["p", "p", "q", "q"])
+    torch.testing.assert_close(s, torch.zeros(4))  # each prompt's images are identical: 0, whatever the other prompt
+    s = load_reward("diversity").score([a, b, b], ["p", "q", "q"])
+    assert torch.isnan(s[0]) and (s[1:] == 0).all()
+    rw = load_reward("diversity_dino", tiny=True, device="cpu")
+    s = rw.score(images[:4], ["p"] * 4, batch_size=3)
+    want = feature_diversity(rw.backbone.image_features(images[:4]))
+    assert s.min() > 0 and abs(float(s.mean()) - want) < 1e-6
+
+
+def test_a_nan_reward_is_an_error_not_a_training_signal(world):
+    """The reward specs the online and group-RL loops train on refuse NaN: ``reward:diversity`` on a batch where a
+    prompt has one image is one clear error; with each prompt twice it scores."""
+    from mmalign.data.records import DataError
+    from mmalign.rewards.spec import load_image_rewards
+
+    images, prompts = world
+    rw = load_image_rewards("reward:diversity + 0.5*reward:saturation", "online.reward")
+    with pytest.raises(DataError, match=r"reward:diversity: 1 of 3 scores are NaN"):
+        rw.scores(images[:3], [prompts[0], prompts[0], prompts[1]])
+    s = rw.scores(images[:4], [prompts[0], prompts[0], prompts[1], prompts[1]])
+    assert np.isfinite(s["reward:diversity"]).all() and s["reward:diversity"].min() > 0

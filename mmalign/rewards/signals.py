@@ -15,9 +15,18 @@ import torch
 
 from mmalign.data.records import DataError
 
+from .backbones import DinoViT
 from .models import REWARDS, Reward
 
 Tensor = torch.Tensor
+
+
+def _pil(images) -> list:
+    if isinstance(images, Tensor):
+        from torchvision.transforms.functional import to_pil_image
+
+        return [to_pil_image(x.float().clamp(0, 1).cpu()) for x in images]
+    return list(images)
 
 
 def _rgb(images) -> np.ndarray:
@@ -40,31 +49,38 @@ def brightness(images) -> np.ndarray:
     return (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).mean(axis=(1, 2))
 
 
-def diversity(images, size: int = 16) -> float:
-    """Mean pairwise Euclidean distance between a set's images (one prompt's samples), on images resized to
-    ``size`` x ``size`` RGB in [0, 1] and divided by sqrt(3 * size^2) so the value is in [0, 1]. Identical images
-    give 0. A pixel-space measure: cheap and model-free, blind to semantics (a perceptual or DINO distance is
-    the stronger signal where those weights are available)."""
+def pixel_distances(images, size: int = 16) -> Tensor:
+    """[N, N] Euclidean distances between images resized to ``size`` x ``size`` RGB in [0, 1], divided by
+    sqrt(3 * size^2) so each is in [0, 1]."""
     from PIL import Image
 
-    if len(images) < 2:
-        return float("nan")
-    x = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32).ravel() / 255.0
-                  for im in images])
-    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)) / np.sqrt(x.shape[1])
-    n = len(x)
-    return float(d.sum() / (n * (n - 1)))
+    x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR),
+                                              dtype=np.float32).ravel() / 255.0 for im in _pil(images)]))
+    return torch.cdist(x[None].double(), x[None].double())[0].float() / np.sqrt(x.shape[1])
+
+
+def cosine_distances(features: Tensor) -> Tensor:
+    """[N, N] cosine distances (1 - cos) / 2 in [0, 1] between the rows of ``features``."""
+    f = torch.nn.functional.normalize(features.float(), dim=-1)
+    return ((1 - f @ f.T) / 2).clamp_min(0)  # (rounding can put identical rows a hair below 0)
+
+
+def _mean_off_diagonal(d: Tensor) -> float:
+    n = len(d)
+    return float("nan") if n < 2 else float(d.detach().clone().fill_diagonal_(0).sum() / (n * (n - 1)))
+
+
+def diversity(images, size: int = 16) -> float:
+    """Mean pairwise distance (``pixel_distances``) between a set's images (one prompt's samples); identical
+    images give 0. A pixel-space measure: cheap and model-free, blind to semantics (``dino_diversity`` is the
+    stronger signal where DINO weights are available)."""
+    return float("nan") if len(images) < 2 else _mean_off_diagonal(pixel_distances(images, size))
 
 
 def feature_diversity(features: Tensor) -> float:
     """Mean pairwise cosine distance, (1 - cos) / 2 in [0, 1], between the rows of ``features`` (one embedding per
     image of a set); identical images give 0."""
-    f = torch.nn.functional.normalize(features.float(), dim=-1)
-    n = len(f)
-    if n < 2:
-        return float("nan")
-    d = ((1 - f @ f.T) / 2).clamp_min(0)  # (rounding can put identical rows a hair below 0)
-    return float(d.sum() / (n * (n - 1)))  # the zero diagonal left out of the mean
+    return _mean_off_diagonal(cosine_distances(features))  # the zero diagonal left out of the mean
 
 
 def dino_diversity(backbone):
@@ -110,6 +126,70 @@ class Brightness(_Statistic):
     """Mean luma of the image, BT.601 weights (a hacking signal: washed-out or darkened images)."""
 
     fn = staticmethod(brightness)
+
+
+class _SetSignal(Reward):
+    """Diversity as a per-image score: each image's mean distance to the other images scored with the same prompt
+    in the same call (a group's samples in group RL, a prompt's seeds in a folder). Averaged over one prompt's
+    images it is that set's diversity (``diversity`` / ``feature_diversity``). An image whose prompt has no other
+    image in the call scores NaN: there is nothing to be diverse from. The whole call is one set of sets, so
+    ``batch_size`` only bounds the feature batches."""
+
+    needs_prompts = True
+
+    def distances(self, images, batch_size: int) -> Tensor:
+        raise NotImplementedError
+
+    def score(self, images, prompts=None, references=None, batch_size: int = 32, differentiable: bool = False) -> Tensor:
+        self._check(len(images), prompts, references)
+        if differentiable:
+            raise ValueError(f"reward {self.registry_name!r} has no differentiable mode")
+        with torch.no_grad():
+            d = self.distances(images, batch_size).float().cpu()
+        same = torch.tensor([[a == b for b in prompts] for a in prompts])
+        same.fill_diagonal_(False)
+        n = same.sum(1)
+        return torch.where(n > 0, (d * same).sum(1) / n.clamp_min(1), torch.tensor(float("nan")))
+
+
+@REWARDS.register("diversity")
+class PixelDiversity(_SetSignal):
+    """Per image: mean pixel distance (``pixel_distances``, 16 x 16 RGB) to the other images of its prompt in the
+    same call; NaN for a prompt with one image. A hacking signal: collapsed samples score near 0."""
+
+    weights = "none (a statistic of each prompt's images)"
+
+    def __init__(self, device=None):
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def load(cls, model=None, device=None, **kw):
+        return cls(device)
+
+    @classmethod
+    def tiny(cls, device=None, **kw):
+        return cls(device)
+
+    def distances(self, images, batch_size):
+        return pixel_distances(images)
+
+
+@REWARDS.register("diversity_dino")
+class DinoDiversity(_SetSignal):
+    """Per image: mean cosine distance, (1 - cos) / 2, between its DINO ViT-S/16 [CLS] embedding and those of the
+    other images of its prompt in the same call (the ``dino`` reward's backbone); NaN for a prompt with one image."""
+
+    default_model = "facebook/dino-vits16"
+    weights = "facebook/dino-vits16 (Apache-2.0)"
+    backbone_cls = DinoViT
+
+    @classmethod
+    def tiny(cls, device=None, **kw):
+        return cls(REWARDS["dino"].tiny(device=device).backbone, device)
+
+    def distances(self, images, batch_size):
+        feats = [self.backbone.image_features(images[lo: lo + batch_size]) for lo in range(0, len(images), batch_size)]
+        return cosine_distances(torch.cat(feats))
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from mmalign.config import ConfigError
+from mmalign.data.records import DataError
 from mmalign.worlds import get_world
 
 from .models import REWARDS, load_reward
@@ -104,7 +105,14 @@ class ImageRewards:
         return [t.label for t in self.terms]
 
     def scores(self, images, prompts: list[str]) -> dict[str, np.ndarray]:
-        return {t.label: np.asarray(fn(images, prompts), dtype=np.float64) for t, fn in zip(self.terms, self.fns)}
+        """Every term's scores; a NaN or infinite score is an error, never a training signal (``diversity`` gives
+        NaN to an image with no sibling of its prompt in the call)."""
+        out = {t.label: np.asarray(fn(images, prompts), dtype=np.float64) for t, fn in zip(self.terms, self.fns)}
+        for label, s in out.items():
+            if not np.isfinite(s).all():
+                raise DataError(f"{label}: {int((~np.isfinite(s)).sum())} of {len(s)} scores are NaN or "
+                                "infinite (a set reward such as diversity needs two or more images per prompt)")
+        return out
 
     def combine(self, scores: dict[str, np.ndarray], groups: list[list[int]] | None = None) -> np.ndarray:
         """sum_i w_i * s_i; with ``groups`` (index lists, one per prompt) each s_i is z-scored within the group
