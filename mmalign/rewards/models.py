@@ -162,14 +162,13 @@ class ClipI(ClipScore):
 
 
 @REWARDS.register("pickscore")
-class PickScore(Reward):
+class PickScore(ClipScore):
     """PickScore v1 (Kirstain et al. 2023, arXiv 2305.01569): CLIP-H/14 fine-tuned on Pick-a-Pic;
     s = exp(logit_scale) * <e_img, e_txt> on normalised embeddings. ``preference_probabilities`` is
     the softmax of s over candidate images for one prompt. Weights ``yuvalkirstain/PickScore_v1``
-    (3.9 GB, MIT), processor ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``."""
+    (3.9 GB, MIT), processor ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. A CLIP-family reward: prompts,
+    differentiable, and the tiny transformers CLIP as ``ClipScore``'s."""
 
-    needs_prompts = True
-    differentiable = True
     default_model = "yuvalkirstain/PickScore_v1"
     processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     weights = "yuvalkirstain/PickScore_v1 (MIT) + laion/CLIP-ViT-H-14-laion2B-s32B-b79K processor"
@@ -179,10 +178,6 @@ class PickScore(Reward):
         path = model or cls.default_model
         proc = processor or (None if Path(resolve(path)).is_dir() else cls.processor)
         return cls(HFClip.load(path, processor=proc), device)
-
-    @classmethod
-    def tiny(cls, device=None, **kw):
-        return cls(_tiny_hf_clip(), device)
 
     def _score(self, images, prompts, references):
         img, txt = self.backbone.image_features(images), self.backbone.text_features(prompts)
@@ -195,15 +190,13 @@ class PickScore(Reward):
 
 
 @REWARDS.register("hpsv2")
-class HPSv2(Reward):
+class HPSv2(ClipT):
     """HPS v2 / v2.1 (Wu et al. 2023, arXiv 2306.09341): open_clip ViT-H-14 fine-tuned on HPD v2;
     score = cosine of normalised embeddings; images resized on the long side to 224 and zero-padded
     (no crop). Weights: ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt`` from ``xswu/HPSv2``
     (Apache-2.0, ~2 GB; full state dict under ``state_dict``) -- pass the file as ``model=``.
-    v2.0 and v2.1 scores are not comparable."""
+    v2.0 and v2.1 scores are not comparable. The score is CLIP-T's (cosine) on that model."""
 
-    needs_prompts = True
-    differentiable = True
     default_model = "HPS_v2.1_compressed.pt"
     arch = "ViT-H-14"
     weights = "xswu/HPSv2: HPS_v2.1_compressed.pt (Apache-2.0), a separate ~2 GB download; pass model=PATH"
@@ -221,9 +214,6 @@ class HPSv2(Reward):
         b = _tiny_open_clip()
         b.mode = "pad"
         return cls(b, device)
-
-    def _score(self, images, prompts, references):
-        return (self.backbone.image_features(images) * self.backbone.text_features(prompts)).sum(-1)
 
 
 class AestheticMLP(nn.Module):

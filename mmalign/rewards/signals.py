@@ -93,11 +93,8 @@ def dino_diversity(backbone):
     return measure
 
 
-class _Statistic(Reward):
-    """An image statistic with the ``Reward`` interface (no model, no prompts)."""
-
-    weights = "none (an image statistic)"
-    fn = None
+class _NoModel(Reward):
+    """A signal with no weights: loading and the tiny version are the same object, on the CPU."""
 
     def __init__(self, device=None):
         self.device = torch.device("cpu")
@@ -109,6 +106,13 @@ class _Statistic(Reward):
     @classmethod
     def tiny(cls, device=None, **kw):
         return cls(device)
+
+
+class _Statistic(_NoModel):
+    """An image statistic with the ``Reward`` interface (no model, no prompts)."""
+
+    weights = "none (an image statistic)"
+    fn = None
 
     def _score(self, images, prompts, references):
         return torch.tensor(type(self).fn(images), dtype=torch.float32)
@@ -153,22 +157,11 @@ class _SetSignal(Reward):
 
 
 @REWARDS.register("diversity")
-class PixelDiversity(_SetSignal):
+class PixelDiversity(_SetSignal, _NoModel):
     """Per image: mean pixel distance (``pixel_distances``, 16 x 16 RGB) to the other images of its prompt in the
     same call; NaN for a prompt with one image. A hacking signal: collapsed samples score near 0."""
 
     weights = "none (a statistic of each prompt's images)"
-
-    def __init__(self, device=None):
-        self.device = torch.device("cpu")
-
-    @classmethod
-    def load(cls, model=None, device=None, **kw):
-        return cls(device)
-
-    @classmethod
-    def tiny(cls, device=None, **kw):
-        return cls(device)
 
     def distances(self, images, batch_size):
         return pixel_distances(images)
