@@ -55,7 +55,7 @@ def ppd_experiment(s, prep, out: Path, steps: int):
     """Two users with opposite size preferences; PPD learns to draw their preferred size."""
     import copy
 
-    from mmalign.demo.run import demo_config, sample
+    from mmalign.demo.experiment import demo_config, sample
     from mmalign.diffusion.data import write_pickapic_parquet
     from mmalign.diffusion.users import interpolate, sample_for_user
     from mmalign.train.diffusion import run
@@ -104,7 +104,7 @@ def rpo_experiment(s, prep, out: Path, steps: int):
     """Subject-driven RPO with lambda-harmonic labels and checkpoint selection."""
     import copy
 
-    from mmalign.demo.run import demo_config, sample
+    from mmalign.demo.experiment import demo_config, sample
     from mmalign.toyworld.world import Scene, render
     from mmalign.diffusion.data import write_pickapic_parquet
     from mmalign.diffusion.subject import build_rpo_pairs
@@ -161,7 +161,8 @@ def main():
     args = ap.parse_args()
     from mmalign.data.captions import add_dual_captions, world_captioner
     from mmalign.data.fifa import fifa_filter
-    from mmalign.demo.run import DemoSettings, demo_config, prepare, train_and_evaluate
+    from mmalign.demo.experiment import demo_config, prepare, train_and_evaluate
+    from mmalign.demo.settings import DemoSettings
     from mmalign.diffusion.data import load_pairs_table
     from mmalign.rewards import load_reward
     from mmalign.utils import print_table

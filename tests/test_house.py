@@ -158,3 +158,15 @@ def test_every_registered_recipe_implements_the_protocol(name, cls):
             have = list(inspect.signature(impl).parameters)[1:]
             assert have[: len(want)] == want, f"{cls.__name__}.{m}{inspect.signature(impl)} vs protocol {want}"
     assert "compute" in cls.__dict__ or any("compute" in b.__dict__ for b in cls.__mro__[1:-1] if b is not RecipeBase)
+
+
+def test_scripts_reach_the_demo_through_its_kit_not_its_app():
+    """``scripts/`` use the demo world's experiment kit (``mmalign.demo.experiment``, ``.settings``), never the
+    ``mmalign demo`` app's module (``mmalign.demo.run``), whose insides may change with the app."""
+    bad = []
+    for f in sorted((PKG.parent / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad += [f"{f.name}:{node.lineno} imports {n}" for n in names if n == "mmalign.demo.run"]
+    assert not bad, "\n".join(bad)

@@ -156,7 +156,7 @@ def test_bad_online_config_is_one_error_naming_the_key(override, message):
 def test_group_pairs_hand_values():
     import numpy as np
 
-    from mmalign.diffusion.online import group_pairs
+    from mmalign.rewards.scoring import group_pairs
 
     s = np.array([0.2, 0.9, 0.1, 0.5])
     assert group_pairs(s) == [(1, 2, pytest.approx(0.8))]
@@ -164,6 +164,23 @@ def test_group_pairs_hand_values():
     assert group_pairs(s, "halves", min_margin=0.5) == [(1, 2, pytest.approx(0.8))]
     assert group_pairs(np.array([0.3, 0.3, 0.3])) == []  # ties: no preference
     assert [(w, lo) for w, lo, _ in group_pairs(s, "all", min_margin=0.35)] == [(1, 3), (1, 0), (1, 2), (3, 2)]
+
+
+def test_the_demo_pairs_its_candidates_as_online_rounds_do():
+    """The demo's labelled pairs (``demo.experiment.candidate_pairs``) are ``group_pairs(..., "halves")`` per prompt:
+    one pairing rule for offline demo data and online rounds (the demo's own copy of it is gone)."""
+    import numpy as np
+
+    from mmalign.demo.experiment import candidate_pairs
+
+    prompts = ["a", "b", "a", "a", "b", "a", "b"]
+    scores = [0.2, 0.3, 0.9, 0.1, 0.3, 0.5, 0.8]
+    rows = candidate_pairs(list(range(7)), prompts, scores, 0.25, np.random.default_rng(0))
+    winners = [(r["caption"], r["jpg_0"] if r["label_0"] == 1.0 else r["jpg_1"],
+                r["jpg_1"] if r["label_0"] == 1.0 else r["jpg_0"]) for r in rows]
+    # "a": 0.9 (2) vs 0.1 (3), 0.5 (5) vs 0.2 (0) -- margin 0.3 > 0.25; "b": 0.8 (6) vs the later of the tied 0.3s (4)
+    assert winners == [("a", 2, 3), ("a", 5, 0), ("b", 6, 4)]
+    assert {r["label_0"] for r in rows} <= {0.0, 1.0} and all(r["label_0"] + r["label_1"] == 1.0 for r in rows)
 
 
 def test_rewards_combine_weighted_and_normalised_within_groups():

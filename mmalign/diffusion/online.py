@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from mmalign.data.prompts import load_prompts
 from mmalign.data.records import load_table
 from mmalign.eval.stats import bootstrap_ci
+from mmalign.rewards.scoring import group_pairs
 from mmalign.rewards.signals import brightness, diversity, saturation
 from mmalign.rewards.spec import load_image_rewards
 from mmalign.utils import atomic_folder
@@ -42,25 +43,6 @@ EVAL_SEED = 900_000
 def rollout_seed(seed: int, rnd: int, prompt: int, k: int) -> int:
     """The seed of image k of prompt ``prompt`` in round ``rnd``: independent of batching and process count."""
     return (seed * 1_000_003 + rnd * 7_919 + prompt * 104_729 + k * 15_485_863 + 982_451_653) % (2**63 - 1)
-
-
-def group_pairs(scores: np.ndarray, mode: str = "best_worst", min_margin: float = 0.0) -> list[tuple[int, int, float]]:
-    """(winner, loser, margin) within one prompt's group of K scores: its best vs its worst, (``halves``) the i-th
-    best vs the i-th worst for i < K/2, or (``all``) every pair. A pair needs margin > ``min_margin`` (and > 0:
-    equal scores carry no preference); on equal scores the earlier sample is taken first (a stable order)."""
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    if mode == "best_worst":
-        cand = [(order[0], order[-1])]
-    elif mode == "halves":
-        cand = list(zip(order[: len(order) // 2], reversed(order[len(order) // 2:])))
-    else:
-        cand = [(order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
-    out = []
-    for w, lo in cand:
-        m = float(scores[w] - scores[lo])
-        if m > max(min_margin, 0.0):
-            out.append((w, lo, m))
-    return out
 
 
 class LatentPairs(torch.utils.data.Dataset):

@@ -4,7 +4,8 @@
     score_images(names, images, prompts, references, ...) -> {reward: [score per image]}
     read_prompts(files, prompts_file, prompt, root)        prompts for a folder (metadata.jsonl by default)
     write_scores                                           the .csv / .jsonl table of scores
-    label_pairs                                            reward -> preference labels for image pairs
+    label_pairs                                            reward -> preference labels for a table's image pairs
+    group_pairs                                            one prompt's scored samples -> (winner, loser) pairs
 """
 from __future__ import annotations
 
@@ -147,3 +148,22 @@ def label_pairs(reward, table, mode: str = "deterministic", temperature: float =
     labels[ok], rw0[ok], rw1[ok] = lab, r0, r1
     bad = sorted(set(range(len(table))) - set(ok))
     return labels, rw0, rw1, bad
+
+
+def group_pairs(scores: np.ndarray, mode: str = "best_worst", min_margin: float = 0.0) -> list[tuple[int, int, float]]:
+    """(winner, loser, margin) within one prompt's group of K scores: its best vs its worst, (``halves``) the i-th
+    best vs the i-th worst for i < K/2, or (``all``) every pair. A pair needs margin > ``min_margin`` (and > 0:
+    equal scores carry no preference); on equal scores the earlier sample is taken first (a stable order)."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    if mode == "best_worst":
+        cand = [(order[0], order[-1])]
+    elif mode == "halves":
+        cand = list(zip(order[: len(order) // 2], reversed(order[len(order) // 2:])))
+    else:
+        cand = [(order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
+    out = []
+    for w, lo in cand:
+        m = float(scores[w] - scores[lo])
+        if m > max(min_margin, 0.0):
+            out.append((w, lo, m))
+    return out
