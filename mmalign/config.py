@@ -207,6 +207,20 @@ def to_dict(obj) -> Any:
     return obj
 
 
+def not_in(*artefacts: str, **kw):
+    """A dataclass field that does not change the named derived artefacts (``not_in("reference")``: the frozen
+    reference model's scores), so their keys (``keyed_fields``) leave it out. Declared with the field: a renamed
+    field keeps its answer, and a new field is keyed until marked -- a missed mark costs a recomputation, never a
+    stale table."""
+    return dataclasses.field(metadata={"not_in": frozenset(artefacts)}, **kw)
+
+
+def keyed_fields(obj, artefact: str) -> dict:
+    """``to_dict`` of a dataclass less its fields marked ``not_in(artefact)``."""
+    return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+            if artefact not in f.metadata.get("not_in", ())}
+
+
 def read_config(path: str | Path, overrides: list[str] | None = None) -> dict:
     """Read, inherit (``base:``) and override a YAML config; plain data, not yet bound."""
     return apply_overrides(load_yaml(path), overrides or [])

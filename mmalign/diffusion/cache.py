@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mmalign.config import to_dict
+from mmalign.config import keyed_fields, to_dict
 from mmalign.paths import WEIGHT_SUFFIXES, fingerprint, resolve
 
 from .data import ImagePairBatch, PreferencePairs
@@ -374,9 +374,6 @@ class CachedPairs(torch.utils.data.Dataset):
 # ------------------------------------------------------------------ precomputed reference tables
 
 # settings that do not change the reference's scores (the trained adapters, the optimisation, bookkeeping)
-_NOT_REFERENCE = {"lora", "reference", "gradient_checkpointing", "compile", "ema", "ema_decay", "reference_offload"}
-
-
 def reference_table_path(cfg, split: str, draws: int) -> Path | None:
     """Where ``model.reference=precomputed`` keeps its table of reference scores for ``split``:
     ``<data.cache_dir>/reference/<split>-<key>.safetensors``, the key a hash of everything the scores depend
@@ -384,12 +381,12 @@ def reference_table_path(cfg, split: str, draws: int) -> Path | None:
     sweep over beta, learning rate, loss or LoRA rank on the same data reuses one table."""
     if not cfg.data.cache_dir:
         return None
-    model = {k: v for k, v in to_dict(cfg.model).items() if k not in _NOT_REFERENCE}
+    model = keyed_fields(cfg.model, "reference")  # less the fields declared not_in("reference") (LoRA, EMA, ...)
     weights = []
     if cfg.model.name_or_path:
         root = Path(resolve(cfg.model.name_or_path))
         weights = [fingerprint(root / sub, WEIGHT_SUFFIXES) for sub in ("unet", "transformer")]
-    data = {k: v for k, v in to_dict(cfg.data).items() if k != "cache_build"}  # how the cache fills: not a score
+    data = keyed_fields(cfg.data, "reference")  # less how the cache fills (cache_build): not a score
     key = {"model": model, "weights": weights, "data": data, "flow": to_dict(cfg.flow),
            "seed": cfg.train.seed, "precision": cfg.train.mixed_precision, "draws": draws, "split": split,
            "ppd": to_dict(cfg.ppd) if cfg.ppd is not None else None}

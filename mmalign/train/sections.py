@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from mmalign.config import ConfigError, config_from_dict, read_config
+from mmalign.config import ConfigError, config_from_dict, not_in, read_config
 from mmalign.diffusion.options import DEFAULT_BETA, PairDrawOptions, ValidationOptions
 from mmalign.losses import LOSSES
 from mmalign.registry import Registry
@@ -210,11 +210,11 @@ class ModelSource:
 class PolicySource(ModelSource):
     """A policy trained against a reference model: LoRA or full, and which reference (``mmalign.models.reference``)."""
 
-    lora: Optional[LoraSection] = None
+    lora: Optional[LoraSection] = not_in("reference", default=None)
     """train LoRA adapters instead of every weight (null: full fine-tuning)"""
-    reference: Literal["auto", "copy", "peft", "precomputed"] = "auto"
+    reference: Literal["auto", "copy", "peft", "precomputed"] = not_in("reference", default="auto")
     """auto = peft (adapters disabled) with LoRA, else a frozen copy"""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = not_in("reference", default=False)
     """recompute activations in the backward pass (less memory, ~30 % more compute)"""
 
     def validate(self):
@@ -387,17 +387,17 @@ class DiffusionModelSection(PolicySource):
     """alternative VAE, e.g. madebyollin/sdxl-vae-fp16-fix"""
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     """UNets: epsilon or v_prediction; auto = the scheduler config's (SD 2.1 is v_prediction)"""
-    reference_offload: bool = False
+    reference_offload: bool = not_in("reference", default=False)
     """keep the frozen reference copy on CPU, moving layers to the accelerator as they run"""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """sdpa (PyTorch scaled-dot-product attention) or xformers (the [gpu] extra)"""
     channels_last: bool = False
     """UNet families: keep the UNet's convolution weights (and so its activations) in NHWC memory layout"""
-    compile: bool = False
+    compile: bool = not_in("reference", default=False)
     """torch.compile the denoiser"""
-    ema: bool = False
+    ema: bool = not_in("reference", default=False)
     """keep an EMA of the trained weights (diffusers EMAModel); the full export holds the EMA weights"""
-    ema_decay: float = 0.9999
+    ema_decay: float = not_in("reference", default=0.9999)
     """the EMA's decay per step"""
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of every frozen weight -- VAE, text encoders, the reference copy and, under LoRA, the base
@@ -441,7 +441,7 @@ class DiffusionDataSection(PairDrawOptions):
     """use only the first N (non-tie) pairs"""
     cache_dir: Optional[str] = None
     """cache VAE latents (+ flipped) and text embeddings here (safetensors shards, resumable)"""
-    cache_build: Literal["auto", "before_training", "while_training"] = "auto"
+    cache_build: Literal["auto", "before_training", "while_training"] = not_in("reference", default="auto")
     """before_training: encode every pair (both orientations) before the first step, so no step runs the VAE or
     the text encoders; while_training: each step encodes what it draws, as the diffusers script does, and keeps it
     (mmalign.diffusion.fill; complete, it becomes the shard cache). auto: while_training when the run reads each
