@@ -26,6 +26,7 @@ def resolve(path: str | os.PathLike | None) -> str | None:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".pth")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
 
 
 def fingerprint(path: str | os.PathLike | None, suffixes: tuple[str, ...] | None = None) -> str | None:

@@ -11,7 +11,8 @@ from PIL import Image
 from mmalign.cli import main
 from mmalign.data.prompts import load_prompts
 from mmalign.data.records import DataError
-from mmalign.diffusion.sampling import apply_lora, load_pipeline, sample_to_folder
+from mmalign.diffusion.sampling import apply_lora, load_pipeline
+from mmalign.eval.sampling import sample_to_folder
 from mmalign.eval.report import write_gallery
 from mmalign.eval.stats import bootstrap_ci, diversity_rows, summarize_scores, wins
 from mmalign.train.diffusion import run

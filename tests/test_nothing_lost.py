@@ -91,7 +91,7 @@ def test_sample_into_a_used_folder_never_keeps_images_of_other_weights_or_settin
 def test_a_lora_retrained_in_place_is_not_mistaken_for_the_old_one(tmp_path, two_models):
     from safetensors.torch import load_file, save_file
 
-    from mmalign.diffusion.sampling import LORA_FILE, made_by
+    from mmalign.eval.sampling import LORA_FILE, made_by
 
     run(diffusion_cfg("sd", tmp_path / "t", "train.max_steps=1", "model.tiny={seed: 0, sample_size: 16}"))
     lora = tmp_path / "t" / "final"

@@ -67,7 +67,8 @@ def run(args) -> int:
 
     from mmalign.cli.score import parse_models, parse_reward_args
     from mmalign.data.prompts import load_prompts
-    from mmalign.diffusion.sampling import LORA_FILE, load_pipeline, made_by, sample_to_folder
+    from mmalign.diffusion.sampling import LORA_FILE, load_pipeline
+    from mmalign.eval.sampling import made_by, sample_to_folder
     from mmalign.eval.folders import evaluate_folders
     from mmalign.eval.report import format_rows
     from mmalign.utils import print_table

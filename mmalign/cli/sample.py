@@ -31,7 +31,8 @@ def run(args) -> int:
     import torch
 
     from mmalign.data.prompts import load_prompts
-    from mmalign.diffusion.sampling import load_pipeline, made_by, sample_to_folder
+    from mmalign.diffusion.sampling import load_pipeline
+    from mmalign.eval.sampling import made_by, sample_to_folder
 
     check_positive(args, "steps", "batch_size")
     check_resolution(args.resolution)

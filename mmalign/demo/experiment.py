@@ -16,7 +16,8 @@ from PIL import Image
 from mmalign.config import config_from_dict, deep_merge
 from mmalign.diffusion.data import write_pickapic_parquet
 from mmalign.diffusion.models import load_components
-from mmalign.diffusion.sampling import detect_kind, sample_images
+from mmalign.diffusion.sampling import detect_kind
+from mmalign.eval.sampling import sample_images
 from mmalign.eval.stats import wins
 from mmalign.rewards.scoring import group_pairs
 from mmalign.toyworld.world import all_prompts, is_correct, oracle_score
@@ -32,7 +33,7 @@ def oracle(images, prompts) -> list[float]:
 
 @torch.no_grad()
 def sample(pipe, prompts: list[str], seeds: list[int], settings: DemoSettings) -> list:
-    """The demo's 32 px images with its sampler settings (``mmalign.diffusion.sampling.sample_images``)."""
+    """The demo's 32 px images with its sampler settings (``mmalign.eval.sampling.sample_images``)."""
     return sample_images(pipe, prompts, seeds, settings.sample_steps, settings.guidance, 32, batch_size=256)
 
 

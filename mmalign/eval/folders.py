@@ -12,7 +12,7 @@ from .stats import diversity_rows, fidelity_rows, summarize_scores
 def align_folders(folders: dict[str, str | Path]) -> tuple[list[tuple[str, int]], dict[str, dict]]:
     """Items (prompt, seed) present in every folder, and per folder {(prompt, seed): metadata row}; folders
     that were not sampled on the same prompts and seeds are a clear error (nothing would be paired)."""
-    from mmalign.diffusion.sampling import read_metadata  # diffusers: loaded only when folders are compared
+    from .sampling import read_metadata  # torch: loaded only when folders are compared
 
     by = {}
     for name, d in folders.items():

@@ -30,7 +30,7 @@ from mmalign.diffusion.rl import RL_KINDS
 from mmalign.diffusion.storage import STORAGE_DTYPES, store_frozen
 from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
-from mmalign.diffusion.sampling import sample_images
+from mmalign.eval.sampling import sample_images
 from mmalign.diffusion.validation import Validator, reward_scorer
 from mmalign.losses import RunningMoments
 from mmalign.models.reference import Reference, resolve_kind
