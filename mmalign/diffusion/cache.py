@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from mmalign.config import keyed_fields, to_dict
 from mmalign.paths import WEIGHT_SUFFIXES, fingerprint, resolve
 
-from .data import ImagePairBatch, PreferencePairs
+from .data import ImagePairBatch, PairLatents, PairText, PreferencePairs
 from .fill import CacheFill, required_keys
 from .options import PairDrawOptions
 
@@ -352,7 +352,7 @@ class CachedPairs(torch.utils.data.Dataset):
     def collate(self, items: list) -> ImagePairBatch:
         good = [x for x in items if x is not None]
         b = ImagePairBatch(
-            pixels=None, captions=[x["caption"] for x in good],
+            captions=[x["caption"] for x in good],
             index=torch.tensor([x["index"] for x in good], dtype=torch.long),
             original_size=torch.tensor([x["original_size"] for x in good], dtype=torch.float32).view(-1, 2),
             crop_top_left=torch.tensor([x["crop_top_left"] for x in good], dtype=torch.float32).view(-1, 2),
@@ -360,14 +360,11 @@ class CachedPairs(torch.utils.data.Dataset):
             labels=torch.tensor([x["label"] for x in good], dtype=torch.float32) if self.pairs.soft else None,
             skipped=len(items) - len(good))
         if good:
-            b.latents = torch.stack([x["latents"] for x in good])
-            b.latents_flip = torch.stack([x["latents_flip"] for x in good])
-            if "latents_std" in good[0]:
-                b.latents_std = torch.stack([x["latents_std"] for x in good])
-                b.latents_std_flip = torch.stack([x["latents_std_flip"] for x in good])
-            for key in ("embeds_w", "embeds_l", "pooled_w", "pooled_l"):
-                if key in good[0]:
-                    setattr(b, key, torch.stack([x[key] for x in good]))
+            stack = lambda key: torch.stack([x[key] for x in good]) if key in good[0] else None  # noqa: E731
+            b.latents = PairLatents(stack("latents"), stack("latents_flip"), stack("latents_std"),
+                                    stack("latents_std_flip"))
+            if "embeds_w" in good[0]:
+                b.text = PairText(stack("embeds_w"), stack("embeds_l"), stack("pooled_w"), stack("pooled_l"))
         return b
 
 

@@ -33,8 +33,37 @@ Tensor = torch.Tensor
 
 
 @dataclass
+class PairLatents(_Batch):
+    """Both images of each pair as VAE posteriors in the model's latent space, in both orientations (the cache's,
+    or an online round's samples): [B, 2, C, h, w] each, winner first."""
+
+    mean: Tensor
+    mean_flip: Tensor
+    std: Optional[Tensor] = None  # posterior std (for data.vae_latents=sample)
+    std_flip: Optional[Tensor] = None
+
+    def pick(self, flip: list[bool]) -> tuple[Tensor, Optional[Tensor]]:
+        """(mean, std) of each pair's drawn orientation."""
+        pick = lambda a, b: torch.stack([(b[i] if f else a[i]) for i, f in enumerate(flip)])  # noqa: E731
+        return pick(self.mean, self.mean_flip), None if self.std is None else pick(self.std, self.std_flip)
+
+
+@dataclass
+class PairText(_Batch):
+    """Encoded captions: the winner's, and under DCPO the loser's own (None: the winner's serves both)."""
+
+    embeds_w: Tensor
+    embeds_l: Optional[Tensor] = None
+    pooled_w: Optional[Tensor] = None  # pooled embeddings (SDXL, SD3, Flux)
+    pooled_l: Optional[Tensor] = None
+
+
+@dataclass
 class ImagePairBatch(_Batch):
-    pixels: Optional[Tensor]  # [B, 2, 3, H, W] in [-1, 1], winner first
+    """A batch of preference pairs: per-pair metadata, and the images as ``pixels`` (read from the data) or as
+    ``latents`` (cached or sampled); ``text`` when the captions come encoded (the cache), else they are encoded
+    in the step."""
+
     captions: list  # prompt per pair (the winner's caption under DCPO)
     index: Tensor  # [B] dataset rows (after tie filtering)
     original_size: Tensor  # [B, 2] (h, w) of image 0, for SDXL micro-conditioning
@@ -42,16 +71,11 @@ class ImagePairBatch(_Batch):
     captions_rejected: Optional[list] = None  # DCPO: the loser's own caption
     user_ids: Optional[list] = None  # PPD
     labels: Optional[Tensor] = None  # [B] soft labels y = P(image 0 preferred), label_mode "soft" (RPO)
-    latents: Optional[Tensor] = None  # [B, 2, C, h, w] from the cache (VAE posterior mean, model latent space)
-    latents_flip: Optional[Tensor] = None
-    latents_std: Optional[Tensor] = None  # posterior std (cached for data.vae_latents=sample)
-    latents_std_flip: Optional[Tensor] = None
-    embeds_w: Optional[Tensor] = None  # cached text embeddings (winner caption / loser caption under DCPO)
-    embeds_l: Optional[Tensor] = None
-    pooled_w: Optional[Tensor] = None
-    pooled_l: Optional[Tensor] = None
     skipped: int = 0  # corrupt rows dropped from this batch
     unreadable_rows: Optional[list] = None  # which rows those were (a cache filled while training records them)
+    pixels: Optional[Tensor] = None  # [B, 2, 3, H, W] in [-1, 1], winner first
+    latents: Optional[PairLatents] = None
+    text: Optional[PairText] = None
 
     def __len__(self):
         return len(self.index)
@@ -214,7 +238,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         good = [x for x in items if x is not None]
         skipped = len(items) - len(good)
         if not good:
-            return ImagePairBatch(None, [], torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), torch.zeros(0, 2),
+            return ImagePairBatch([], torch.zeros(0, dtype=torch.long), torch.zeros(0, 2), torch.zeros(0, 2),
                                   skipped=skipped)
         return ImagePairBatch(
             pixels=torch.stack([x["pixels"] for x in good]),

@@ -14,7 +14,7 @@ import torch
 
 from mmalign.utils import example_generator
 
-from .data import ImagePairBatch
+from .data import ImagePairBatch, PairText
 from .families import Cond, Family, sdxl_time_ids
 from .options import PairDrawOptions
 from .users import with_user_tokens
@@ -63,10 +63,8 @@ class PairInputs:
         drop = [bool(torch.rand(1, generator=g) < d.caption_dropout) for g in gens]
         fill = self.fills.get(split)
         if batch.latents is not None:
-            pick = lambda a, b: torch.stack([(b[i] if f else a[i]) for i, f in enumerate(flip)])  # noqa: E731
-            x0 = pick(batch.latents, batch.latents_flip).to(dev, torch.float32)
-            std = None if batch.latents_std is None else \
-                pick(batch.latents_std, batch.latents_std_flip).to(dev, torch.float32)
+            x0, std = batch.latents.pick(flip)
+            x0, std = x0.to(dev, torch.float32), None if std is None else std.to(dev, torch.float32)
         elif fill is not None:
             x0, std = self._fill_latents(batch, flip, fill)
             self._fill_text(batch, fill)
@@ -78,7 +76,7 @@ class PairInputs:
                 raise ValueError("data.vae_latents=sample needs the posterior std: use a fresh data.cache_dir")
             eps = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=g) for g in gens]).to(dev)
             x0 = x0 + std * eps
-        cond = (self._cached_cond(batch, drop) if batch.embeds_w is not None else self._encoded_cond(batch, drop)).float()
+        cond = (self._cached_cond(batch.text, batch, drop) if batch.text is not None else self._encoded_cond(batch, drop)).float()
         if self.user_tokens is not None:
             cond.embeds = self.user_tokens(batch, cond.embeds)
         return x0, noise, t, cond
@@ -113,6 +111,7 @@ class PairInputs:
             return
         sides = (("w", batch.captions), ("l", batch.captions_rejected)) if batch.captions_rejected is not None \
             else (("w", batch.captions),)
+        got = {}
         for side, caps in sides:
             miss = [i for i, r in enumerate(rows) if not fill.has(r, f"embeds_{side}")]
             if miss:
@@ -121,9 +120,10 @@ class PairInputs:
                     fill.put(rows[i], f"embeds_{side}", c.embeds[j])
                     if c.pooled is not None:
                         fill.put(rows[i], f"pooled_{side}", c.pooled[j])
-            setattr(batch, f"embeds_{side}", torch.stack([fill.get(r, f"embeds_{side}") for r in rows]))
+            got[f"embeds_{side}"] = torch.stack([fill.get(r, f"embeds_{side}") for r in rows])
             if fill.has(rows[0], f"pooled_{side}"):
-                setattr(batch, f"pooled_{side}", torch.stack([fill.get(r, f"pooled_{side}") for r in rows]))
+                got[f"pooled_{side}"] = torch.stack([fill.get(r, f"pooled_{side}") for r in rows])
+        batch.text = PairText(**got)
 
     def _encoded_cond(self, batch: ImagePairBatch, drop: list[bool]) -> Cond:
         caps_w = ["" if dr else c for c, dr in zip(batch.captions, drop)]
@@ -133,7 +133,7 @@ class PairInputs:
         cond_w = fin(self.encode_text(caps_w))
         return cond_w.cat(cond_w if caps_l is caps_w else fin(self.encode_text(caps_l)))
 
-    def _cached_cond(self, batch: ImagePairBatch, drop: list[bool]) -> Cond:
+    def _cached_cond(self, text: PairText, batch: ImagePairBatch, drop: list[bool]) -> Cond:
         dev = self.device
         keep = torch.tensor([not d for d in drop], device=dev)
         empty = self.empty or {}
@@ -145,12 +145,12 @@ class PairInputs:
             e = empty[key].to(dev, torch.float32)
             return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, e.expand_as(x))
 
-        ew = pick(batch.embeds_w, "embeds")
-        el = ew if batch.embeds_l is None else pick(batch.embeds_l, "embeds")
+        ew = pick(text.embeds_w, "embeds")
+        el = ew if text.embeds_l is None else pick(text.embeds_l, "embeds")
         pw = pl = tid = None
-        if batch.pooled_w is not None:
-            pw = pick(batch.pooled_w, "pooled")
-            pl = pw if batch.pooled_l is None else pick(batch.pooled_l, "pooled")
+        if text.pooled_w is not None:
+            pw = pick(text.pooled_w, "pooled")
+            pl = pw if text.pooled_l is None else pick(text.pooled_l, "pooled")
         if self.family.kind == "sdxl":
             tid = sdxl_time_ids(batch.original_size.to(dev), batch.crop_top_left.to(dev), self.d.resolution)
         txt = empty["txt_ids"].to(dev, torch.float32) if "txt_ids" in empty else None

@@ -33,7 +33,7 @@ from mmalign.rewards.signals import brightness, diversity, saturation
 from mmalign.rewards.spec import load_image_rewards
 from mmalign.utils import atomic_folder
 
-from .data import ImagePairBatch, make_grid
+from .data import ImagePairBatch, PairLatents, make_grid
 from .models import place_frozen
 
 Tensor = torch.Tensor
@@ -65,11 +65,10 @@ class LatentPairs(torch.utils.data.Dataset):
     def collate(self, items: list) -> ImagePairBatch:
         lat = torch.stack([x["latents"] for x in items])
         n, r = len(items), float(self.resolution)
-        return ImagePairBatch(pixels=None, captions=[x["caption"] for x in items],
+        return ImagePairBatch(captions=[x["caption"] for x in items],
                               index=torch.tensor([x["index"] for x in items], dtype=torch.long),
                               original_size=torch.full((n, 2), r), crop_top_left=torch.zeros(n, 2),
-                              latents=lat, latents_flip=lat, latents_std=torch.zeros_like(lat),
-                              latents_std_flip=torch.zeros_like(lat))
+                              latents=PairLatents(lat, lat, torch.zeros_like(lat), torch.zeros_like(lat)))
 
 
 class DiffusionRounds:
