@@ -159,8 +159,8 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--only", default="", help="comma list of methods to run (default: all)")
     args = ap.parse_args()
-    from mmalign.data.captions import add_dual_captions, world_captioner
-    from mmalign.data.fifa import fifa_filter
+    from mmalign.diffusion.captions import add_dual_captions, world_captioner
+    from mmalign.diffusion.fifa import fifa_filter
     from mmalign.demo.experiment import demo_config, prepare, train_and_evaluate
     from mmalign.demo.settings import DemoSettings
     from mmalign.diffusion.data import load_pairs_table

@@ -9,8 +9,8 @@ import datasets
 import numpy as np
 import pytest
 
-from mmalign.data.captions import LEXICON, WORD_CATEGORY, add_dual_captions, perturb_caption, world_captioner
-from mmalign.data.fifa import fifa_filter, fifa_select, heuristic_quality, kl_entropy, knn_log_distances
+from mmalign.diffusion.captions import LEXICON, WORD_CATEGORY, add_dual_captions, perturb_caption, world_captioner
+from mmalign.diffusion.fifa import fifa_filter, fifa_select, heuristic_quality, kl_entropy, knn_log_distances
 from mmalign.toyworld.world import is_correct
 from mmalign.diffusion.data import load_pairs_table, open_image
 from mmalign.rewards import load_reward

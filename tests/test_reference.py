@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from mmalign.train.sections import load_config
-from mmalign.models.reference import Reference, adapters_disabled, resolve_kind
+from mmalign.train.reference import Reference, adapters_disabled, resolve_kind
 
 CASES = {
     "lm": ("configs/tiny/lm_dpo.yaml", ["data.max_eval_examples=16"], "eval"),

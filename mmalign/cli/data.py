@@ -50,7 +50,7 @@ def _fifa_args(f):
 def cmd_fifa(args) -> int:
     from functools import partial
 
-    from mmalign.data.fifa import fifa_filter
+    from mmalign.diffusion.fifa import fifa_filter
     from mmalign.data.images import open_image
     from mmalign.diffusion.data import load_pairs_table
     from mmalign.rewards import load_reward
@@ -89,7 +89,7 @@ def _dcpo_args(d):
 
 
 def captioner_from(spec: str | None):
-    from mmalign.data.captions import world_captioner
+    from mmalign.diffusion.captions import world_captioner
     from mmalign.models.captioner import load_captioner
 
     if spec is None:
@@ -102,7 +102,7 @@ def captioner_from(spec: str | None):
 def cmd_dcpo(args) -> int:
     from functools import partial
 
-    from mmalign.data.captions import add_dual_captions
+    from mmalign.diffusion.captions import add_dual_captions
     from mmalign.data.images import open_image
     from mmalign.diffusion.data import load_pairs_table
 

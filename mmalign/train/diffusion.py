@@ -2,7 +2,7 @@
 
 Who owns what: ``mmalign.diffusion.models`` builds the components, ``mmalign.diffusion.families`` turns a
 batch into conditioning, latents, a shared noise/t draw and per-sample scores ``-mse`` (SD / SDXL UNets,
-SD3 / Flux flow matching), ``mmalign.models.reference`` is the reference model, ``diffusion.validation``
+SD3 / Flux flow matching), ``mmalign.train.reference`` is the reference model, ``diffusion.validation``
 samples grids and selects checkpoints, ``diffusion.export`` writes LoRA / full exports. Per step and pair
 one generator keyed by (seed, step, row) draws the flip, the caption dropout, the noise and t (and the VAE
 posterior sample) -- all shared by winner and loser -- and the loss core gets ``BETA_SCALE`` * beta.
@@ -33,7 +33,7 @@ from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embe
 from mmalign.eval.sampling import sample_images
 from mmalign.diffusion.validation import Validator, reward_scorer
 from mmalign.losses import RunningMoments
-from mmalign.models.reference import Reference, resolve_kind
+from mmalign.train.reference import Reference, resolve_kind
 from mmalign.rewards import load_reward
 
 from .guard import Guard
@@ -227,7 +227,7 @@ class DiffusionRecipe(RecipeBase):
         return super().extra_state()
 
     def _build_reference(self):
-        """The reference (adapters off, a frozen copy, or precomputed scores; mmalign.models.reference) and the
+        """The reference (adapters off, a frozen copy, or precomputed scores; mmalign.train.reference) and the
         EMA of the trained weights."""
         cfg = self.cfg
         self.ref_kind = resolve_kind(cfg.model.reference, cfg.model.lora is not None, self.loss_fn.needs_reference)

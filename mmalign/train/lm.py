@@ -25,7 +25,7 @@ from mmalign.data.text import (
 from mmalign.losses import LOSSES, RunningMoments, activation_mask, kto_kl, token_kl
 from mmalign.models.lm import (TokenLogps, build_causal_lm, completion_logps, enable_gradient_checkpointing,
                                sample_completions)
-from mmalign.models.reference import Reference, resolve_kind
+from mmalign.train.reference import Reference, resolve_kind
 from mmalign.rewards.spec import load_function, parse_reward_spec
 from mmalign.rewards.transform import reference_rewards, transformed_reward
 

@@ -208,7 +208,7 @@ class ModelSource:
 
 @dataclass(kw_only=True)
 class PolicySource(ModelSource):
-    """A policy trained against a reference model: LoRA or full, and which reference (``mmalign.models.reference``)."""
+    """A policy trained against a reference model: LoRA or full, and which reference (``mmalign.train.reference``)."""
 
     lora: Optional[LoraSection] = not_in("reference", default=None)
     """train LoRA adapters instead of every weight (null: full fine-tuning)"""
