@@ -170,3 +170,13 @@ def test_scripts_reach_the_demo_through_its_kit_not_its_app():
                      [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             bad += [f"{f.name}:{node.lineno} imports {n}" for n in names if n == "mmalign.demo.run"]
     assert not bad, "\n".join(bad)
+
+
+def test_the_data_layer_imports_no_wing():
+    """``mmalign.data`` (tables, images, prompts, text schemas) sits below every wing: it imports no model,
+    recipe, reward or diffusion code (FiFA and DCPO captions, which score and caption image pairs, live in the
+    diffusion wing)."""
+    low = ("mmalign.data", "mmalign.paths", "mmalign.config", "mmalign.utils", "mmalign.registry", "mmalign.worlds")
+    bad = [f"{m} imports {t}" for m, ts in GRAPH.items() if under(m, ("mmalign.data",))
+           for t in ts if not under(t, low)]
+    assert not bad, "\n".join(bad)
