@@ -204,7 +204,11 @@ class LMRecipe(RecipeBase):
             return self._logps(ref, batch.seqs, **want), None
 
     def compute(self, batch, step: int = 0, split: str = "train") -> StepOutput:
-        fn, kind, hp = self.loss_fn, self.loss_fn.kind, self.hp
+        """Reference scores, then the policy's, then the loss through the scorer of the loss's ``kind``
+        (``SCORERS``): the recipe never branches on a loss name."""
+        kind = self.loss_fn.kind
+        if kind not in self.SCORERS:
+            raise ValueError(f"unsupported loss kind {kind!r}")
         want = self._want()
         # reference first: its full-vocabulary logits are freed before the policy's (kept for backward) exist,
         # so the peak holds one [2B, T, V] logits tensor, not two (TRL 1.16 runs the policy first)
@@ -213,73 +217,75 @@ class LMRecipe(RecipeBase):
         if ref_tab is None and ref_lp is not None and kind != "token":
             ref_tab = self._reference_scores(ref_lp, batch)
         extras = {}
-        if "running" in fn.uses:  # train: read delta and stage rewards; eval: read delta only
-            if split == "train":
-                extras["running"] = self.running
-            else:
-                extras["shift"] = self.running.mean
-
-        if kind == "pairwise":
-            assert isinstance(batch, PairBatch)
-            pc, pr = pol.sum().chunk(2)
-            rc, rr = (ref_tab["chosen"], ref_tab["rejected"]) if ref_tab else (None, None)
-            if "lengths" in fn.uses:
-                extras["chosen_lengths"], extras["rejected_lengths"] = pol.lengths().chunk(2)
-            if "reward_margin" in fn.uses:
-                if batch.reward_margin is None:
-                    raise ValueError(f"loss {self.cfg.loss.name!r} needs a 'reward_margin' column in the data")
-                extras["reward_margin"] = batch.reward_margin
-            if "online_samples" in fn.uses and split == "train":
-                extras.update(self._online_samples(batch, step))
-            loss, m = fn(pc, pr, rc, rr, **hp, **extras)
-        elif kind == "token":
-            t_c, t_r = pol.logps.chunk(2)
-            m_c, m_r = pol.mask.chunk(2)
-            if ref_tab is not None:  # precomputed LD-DPO: reference already reduced
-                pc, pr = fn.sequence_scores(t_c, t_r, m_c, m_r, hp.get("alpha", 0.5))
-
-                loss, m = LOSSES["dpo"](pc, pr, ref_tab["chosen"], ref_tab["rejected"], beta=hp.get("beta", 0.1),
-                                        label_smoothing=hp.get("label_smoothing", 0.0))
-            else:
-                r_c, r_r = ref_lp.logps.chunk(2)
-                if {"token_weights", "token_kl"} & set(fn.uses):
-                    extras.update(self._sparse_inputs(pol, ref_lp))
-                loss, m = fn(t_c, t_r, r_c, r_r, m_c, m_r, **hp, **extras)
-        elif kind == "unpaired":
-            assert isinstance(batch, BinaryBatch)
-            pol_s = pol.sum()
-            ref_s = ref_tab["score"] if ref_tab else None
-            if "kl" in fn.uses:
-                if split == "train" and self.step_kl is not None:
-                    extras["kl"] = self.step_kl
-                else:  # evaluation: mismatched pairs within the evaluation batch
-                    with torch.no_grad():
-                        pk = self._logps(self.model, batch.kl_seqs).sum()
-                        with self.reference.context() as ref:
-                            rk = self._logps(ref, batch.kl_seqs).sum()
-                    extras["kl"] = kto_kl(pk, rk, gather=self.acc.gather if self.acc.num_processes > 1 else None)
-            loss, m = fn(pol_s, ref_s, batch.labels, **hp, **extras)
-        elif kind in ("listwise", "group"):  # group: K on-policy samples per prompt, rewards as labels
-            assert isinstance(batch, ListBatch)
-            b = len(batch)
-            s = (pol.mean() if not fn.needs_reference and "list_lengths" not in fn.uses else pol.sum()).view(b, -1)
-            r = ref_tab["list"] if ref_tab else None
-            if "list_lengths" in fn.uses:
-                extras["lengths"] = pol.lengths().view(b, -1)
-            if "group_kl" in fn.uses and batch.old_logps is not None:  # DisCO's trust region to the sampling policy
-                m_ = batch.list_mask.to(pol.logps.dtype)
-                extras["kl"] = ((batch.old_logps - pol.sum().view(b, -1)) * m_).sum() / \
-                    (pol.lengths().view(b, -1) * m_).sum().clamp(min=1)
-            loss, m = fn(s, r, batch.labels, mask=batch.list_mask, **hp, **extras)
-        elif kind == "negatives":
-            assert isinstance(batch, NegativesBatch)
-            b, k = batch.sample_mask.shape
-            s = pol.sum()
-            loss, m = fn(s[: b * k].view(b, k), ref_tab["samples"], s[b * k:], ref_tab["rejected"],
-                         sample_mask=batch.sample_mask, **hp)
-        else:
-            raise ValueError(f"unsupported loss kind {kind!r}")
+        if "running" in self.loss_fn.uses:  # train: read delta and stage rewards; eval: read delta only
+            extras = {"running": self.running} if split == "train" else {"shift": self.running.mean}
+        loss, m = self.SCORERS[kind](self, batch, pol, ref_lp, ref_tab, extras, step, split)
         return StepOutput(loss, m)
+
+    def _pairwise(self, batch, pol, ref_lp, ref_tab, extras, step, split):
+        assert isinstance(batch, PairBatch)
+        fn = self.loss_fn
+        pc, pr = pol.sum().chunk(2)
+        rc, rr = (ref_tab["chosen"], ref_tab["rejected"]) if ref_tab else (None, None)
+        if "lengths" in fn.uses:
+            extras["chosen_lengths"], extras["rejected_lengths"] = pol.lengths().chunk(2)
+        if "reward_margin" in fn.uses:
+            if batch.reward_margin is None:
+                raise ValueError(f"loss {self.cfg.loss.name!r} needs a 'reward_margin' column in the data")
+            extras["reward_margin"] = batch.reward_margin
+        if "online_samples" in fn.uses and split == "train":
+            extras.update(self._online_samples(batch, step))
+        return fn(pc, pr, rc, rr, **self.hp, **extras)
+
+    def _token(self, batch, pol, ref_lp, ref_tab, extras, step, split):
+        fn, hp = self.loss_fn, self.hp
+        t_c, t_r = pol.logps.chunk(2)
+        m_c, m_r = pol.mask.chunk(2)
+        if ref_tab is not None:  # precomputed LD-DPO: reference already reduced
+            pc, pr = fn.sequence_scores(t_c, t_r, m_c, m_r, hp.get("alpha", 0.5))
+            return LOSSES["dpo"](pc, pr, ref_tab["chosen"], ref_tab["rejected"], beta=hp.get("beta", 0.1),
+                                 label_smoothing=hp.get("label_smoothing", 0.0))
+        r_c, r_r = ref_lp.logps.chunk(2)
+        if {"token_weights", "token_kl"} & set(fn.uses):
+            extras.update(self._sparse_inputs(pol, ref_lp))
+        return fn(t_c, t_r, r_c, r_r, m_c, m_r, **hp, **extras)
+
+    def _unpaired(self, batch, pol, ref_lp, ref_tab, extras, step, split):
+        assert isinstance(batch, BinaryBatch)
+        if "kl" in self.loss_fn.uses:
+            if split == "train" and self.step_kl is not None:
+                extras["kl"] = self.step_kl
+            else:  # evaluation: mismatched pairs within the evaluation batch
+                with torch.no_grad():
+                    pk = self._logps(self.model, batch.kl_seqs).sum()
+                    with self.reference.context() as ref:
+                        rk = self._logps(ref, batch.kl_seqs).sum()
+                extras["kl"] = kto_kl(pk, rk, gather=self.acc.gather if self.acc.num_processes > 1 else None)
+        return self.loss_fn(pol.sum(), ref_tab["score"] if ref_tab else None, batch.labels, **self.hp, **extras)
+
+    def _listwise(self, batch, pol, ref_lp, ref_tab, extras, step, split):
+        """listwise, and group (K on-policy samples per prompt, rewards as labels)."""
+        assert isinstance(batch, ListBatch)
+        fn, b = self.loss_fn, len(batch)
+        s = (pol.mean() if not fn.needs_reference and "list_lengths" not in fn.uses else pol.sum()).view(b, -1)
+        if "list_lengths" in fn.uses:
+            extras["lengths"] = pol.lengths().view(b, -1)
+        if "group_kl" in fn.uses and batch.old_logps is not None:  # DisCO's trust region to the sampling policy
+            m_ = batch.list_mask.to(pol.logps.dtype)
+            extras["kl"] = ((batch.old_logps - pol.sum().view(b, -1)) * m_).sum() / \
+                (pol.lengths().view(b, -1) * m_).sum().clamp(min=1)
+        return fn(s, ref_tab["list"] if ref_tab else None, batch.labels, mask=batch.list_mask, **self.hp, **extras)
+
+    def _negatives(self, batch, pol, ref_lp, ref_tab, extras, step, split):
+        assert isinstance(batch, NegativesBatch)
+        b, k = batch.sample_mask.shape
+        s = pol.sum()
+        return self.loss_fn(s[: b * k].view(b, k), ref_tab["samples"], s[b * k:], ref_tab["rejected"],
+                            sample_mask=batch.sample_mask, **self.hp)
+
+    SCORERS = {"pairwise": _pairwise, "token": _token, "unpaired": _unpaired, "listwise": _listwise,
+               "group": _listwise, "negatives": _negatives}
+    """loss kind -> the method that turns the policy's and reference's scores into that kind's loss inputs"""
 
     def _online_samples(self, batch, step: int) -> dict:
         """HyPO: K fresh samples of each pair's prompt from the current policy, scored by policy (with its
