@@ -141,14 +141,15 @@ def test_winner_first_after_swap():
         assert oracle_score(a, cap) > oracle_score(b, cap)
 
 
-def test_corrupt_image_is_reported_and_skipped(tmp_path, caplog):
+def test_corrupt_image_is_reported_and_skipped(tmp_path, capsys):
     rows = synthetic_pairs(6, seed=2)
     rows[2]["jpg_1"] = b"not an image"
     write_pickapic_parquet(tmp_path / "c.parquet", rows)
     ds = PreferencePairs(str(tmp_path / "c.parquet"), resolution=32)
     batch = ds.collate([ds[i] for i in range(4)])
     assert len(batch) == 3 and batch.skipped == 1
-    assert ds.skipped_rows == [2] and "row 2: unreadable image" in caplog.text
+    err = capsys.readouterr().err  # on stderr, where users look (no logger nobody configured)
+    assert ds.skipped_rows == [2] and "warning: " in err and "row 2: unreadable image" in err
     # and training goes on over it
     res = run(cfg_(tmp_path / "run", f"data.train={tmp_path / 'c.parquet'}", "data.eval=null", "train.max_steps=3",
                    "train.batch_size=2", "train.eval_every=0"))

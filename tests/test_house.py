@@ -180,3 +180,10 @@ def test_the_data_layer_imports_no_wing():
     bad = [f"{m} imports {t}" for m, ts in GRAPH.items() if under(m, ("mmalign.data",))
            for t in ts if not under(t, low)]
     assert not bad, "\n".join(bad)
+
+
+def test_one_warning_channel():
+    """Warnings reach the user one way: a ``warning:`` line on stderr (or a table / report). No module keeps a
+    ``logging`` logger beside it, whose messages nobody configured would see."""
+    bad = [str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py") if "logging.getLogger(" in p.read_text()]
+    assert not bad, bad

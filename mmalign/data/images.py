@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import io
-import logging
 import sys
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from PIL import Image
 
 from .records import DataError
 
-log = logging.getLogger(__name__)
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,7 +28,6 @@ from mmalign.data.records import DataError, load_table, rename_columns, require_
 from mmalign.data.text import _Batch
 from mmalign.paths import resolve
 
-log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 
@@ -164,8 +163,6 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.ds, self.rows, self.ties = ds, keep, ties
         self.swap = [False] * len(keep) if soft_labels else [l0[i] == 0.0 for i in keep]
         self.skipped_rows: list[int] = []
-        if ties:
-            log.info("%s: dropped %d tie pairs, kept %d", source, ties, len(keep))
 
     def __len__(self):
         return len(self.rows)
@@ -214,7 +211,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         except DataError:  # a path outside the dataset folder is an error, not an unreadable image
             raise
         except Exception as e:  # corrupt / unreadable: report by row and skip, never crash the batch
-            log.warning("%s: row %d: unreadable image (%s); skipped", self.source, self.rows[i], e)
+            print(f"warning: {self.source}: row {self.rows[i]}: unreadable image ({e}); skipped", file=sys.stderr)
             self.skipped_rows.append(self.rows[i])
             return None
         b = b.resize(a.size, Image.BILINEAR) if b.size != a.size else b  # jpg_1 follows jpg_0 (diffusers SDXL)

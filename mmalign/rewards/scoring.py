@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from mmalign.data.images import contained_path, open_image
 from mmalign.data.records import DataError, write_rows
 
 from .models import REWARDS, load_reward
-
-log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ inputs
