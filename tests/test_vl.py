@@ -376,3 +376,17 @@ def test_paligemma_prefix_mask_scores_and_dpo(tmp_path):
         from mmalign.vl.models import tiny_vlm
 
         tiny_vlm("qwen")
+
+
+def test_building_the_vlm_leaves_the_bound_config_as_written():
+    """LoRA's default target modules (the attention projections) reach the model, not the config object."""
+    from types import SimpleNamespace
+
+    from mmalign.train.sections import load_config
+    from mmalign.train.vlm import VLMRecipe
+
+    cfg = load_config("configs/tiny/vlm_dpo.yaml", ["model.lora={r: 4, alpha: 8}"])
+    assert cfg.model.lora.target_modules is None
+    model, _ = VLMRecipe.build_model(SimpleNamespace(), cfg)
+    assert cfg.model.lora.target_modules is None
+    assert any("q_proj.lora_A" in n for n, _ in model.named_parameters())

@@ -7,6 +7,8 @@ a judge, pair best vs worst (reward margin kept for ``mm_dpo``), train ``steps_p
 """
 from __future__ import annotations
 
+import dataclasses
+
 import io
 from pathlib import Path
 
@@ -40,10 +42,9 @@ class VLMRecipe(LMRecipe):
             set_dropout(model, m.dropout)
         if m.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        if m.lora is not None:
-            lo = m.lora
-            if lo.target_modules is None:
-                lo.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        if m.lora is not None:  # the attention projections by default; the bound config is left as written
+            lo = m.lora if m.lora.target_modules is not None else \
+                dataclasses.replace(m.lora, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
             model = add_lora(model, lo)
         self.processor = proc
         return model, proc
