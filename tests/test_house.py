@@ -187,3 +187,15 @@ def test_one_warning_channel():
     ``logging`` logger beside it, whose messages nobody configured would see."""
     bad = [str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py") if "logging.getLogger(" in p.read_text()]
     assert not bad, bad
+
+
+def test_binding_a_config_loads_no_model_library():
+    """``mmalign.train.sections`` says so in its docstring: torch (the loss registry), never diffusers,
+    transformers or peft."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mmalign.train.sections as s; s.load_config('configs/tiny/diffusion_dpo.yaml'); "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -1,7 +1,8 @@
 """Typed config sections shared by every recipe, and one dataclass per recipe (``RECIPES``).
 
-Kept free of heavy imports so that loading a config (and the test that loads every shipped config)
-is fast; each recipe names its runner as ``"module:function"``.
+Free of model-library imports (diffusers, transformers, peft): binding a config imports torch through the loss
+registry (loss names are checked against ``LOSSES``) and nothing heavier, so loading one (and the test that
+loads every shipped config) takes under a second; each recipe names its runner as ``"module:function"``.
 """
 from __future__ import annotations
 
