@@ -11,7 +11,9 @@ and a LoRA trained with alpha != r loads at the strength it was trained at.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -51,32 +53,52 @@ def save_user_branch(denoiser, user_emb: dict, n_tokens: int, scale: float, out:
     (out / "user_branch.json").write_text(json.dumps({"n_tokens": n_tokens, "scale": scale, "users": sorted(user_emb)}))
 
 
-def write_model_card(out: Path, cfg, metrics: dict):
-    base = cfg.model.name_or_path or f"tiny random {cfg.model.kind} (from config)"
-    kind = "LoRA adapter" if cfg.model.lora else f"full {'transformer' if cfg.model.kind in ('sd3', 'flux') else 'UNet'} fine-tune"
-    lines = [
-        "---", "library_name: diffusers", "tags: [mmalign, diffusion-dpo, text-to-image]", "---", "",
-        f"# {cfg.loss.name} fine-tune of {base}", "",
-        f"A {kind} trained with mmalign's `{cfg.loss.name}` preference loss (Diffusion-DPO, Wallace et al. 2023).", "",
-        f"- base model: `{base}` ({cfg.model.kind})",
-        f"- data: `{cfg.data.train}` at {cfg.data.resolution}px",
-        f"- beta: {cfg.loss.params.get('beta')} (Salesforce convention), steps: {cfg.train.max_steps}, "
-        f"global batch: {cfg.train.batch_size} x {cfg.train.grad_accum} x processes",
-        f"- reference: {cfg.model.reference}, optimizer: {cfg.train.optimizer}, lr: {cfg.train.lr} "
-        f"(scale_lr={cfg.train.scale_lr})",
-    ]
-    if metrics:
-        lines += ["", "## Metrics", ""] + [f"- {k}: {v}" for k, v in metrics.items()]
-    if cfg.model.lora:
-        lines += ["", "## Use", "", "```python", "pipe.load_lora_weights(PATH_TO_THIS_FOLDER)", "```"]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+@dataclass(kw_only=True)
+class ModelCard:
+    """How an exported model was made, as its README says it (built by the recipe from its config:
+    ``DiffusionRecipe.model_card``)."""
+
+    base: str  # the base model's name or path
+    kind: str  # sd / sdxl / sd3 / flux
+    lora: bool
+    loss: str
+    data: Optional[str]
+    resolution: int
+    beta: Optional[float]
+    steps: int
+    batch_size: int
+    grad_accum: int
+    reference: str
+    optimizer: str
+    lr: float
+    scale_lr: bool
+
+    def write(self, out: Path, metrics: dict):
+        """``out/README.md``: a diffusers model card (YAML header, what was trained on what, metrics, use)."""
+        kind = "LoRA adapter" if self.lora else f"full {'transformer' if self.kind in ('sd3', 'flux') else 'UNet'} fine-tune"
+        lines = [
+            "---", "library_name: diffusers", "tags: [mmalign, diffusion-dpo, text-to-image]", "---", "",
+            f"# {self.loss} fine-tune of {self.base}", "",
+            f"A {kind} trained with mmalign's `{self.loss}` preference loss (Diffusion-DPO, Wallace et al. 2023).", "",
+            f"- base model: `{self.base}` ({self.kind})",
+            f"- data: `{self.data}` at {self.resolution}px",
+            f"- beta: {self.beta} (Salesforce convention), steps: {self.steps}, "
+            f"global batch: {self.batch_size} x {self.grad_accum} x processes",
+            f"- reference: {self.reference}, optimizer: {self.optimizer}, lr: {self.lr} "
+            f"(scale_lr={self.scale_lr})",
+        ]
+        if metrics:
+            lines += ["", "## Metrics", ""] + [f"- {k}: {v}" for k, v in metrics.items()]
+        if self.lora:
+            lines += ["", "## Use", "", "```python", "pipe.load_lora_weights(PATH_TO_THIS_FOLDER)", "```"]
+        (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
 @torch.no_grad()
-def export(out_dir, cfg, comp: Components, family: Family, denoiser, ema=None, user_emb: dict | None = None,
-           card: dict | None = None):
-    """LoRA -> ``pytorch_lora_weights.safetensors``; full -> a diffusers pipeline folder (EMA weights when EMA
-    is on); PPD adds its user branch. Plus the model card."""
+def export(out_dir, comp: Components, family: Family, denoiser, card: ModelCard, ema=None,
+           user_branch: Optional[tuple[int, float]] = None, user_emb: dict | None = None, metrics: dict | None = None):
+    """LoRA (``card.lora``) -> ``pytorch_lora_weights.safetensors``; full -> a diffusers pipeline folder (EMA weights
+    when EMA is on); PPD (``user_branch`` = (tokens, scale)) adds its user branch. Plus the model card."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -84,13 +106,13 @@ def export(out_dir, cfg, comp: Components, family: Family, denoiser, ema=None, u
         ema.store(params)
         ema.copy_to(params)
     try:
-        if cfg.ppd is not None:
-            save_user_branch(denoiser, user_emb or {}, cfg.ppd.n_tokens, cfg.ppd.scale, out)
-        if cfg.model.lora is not None:
+        if user_branch is not None:
+            save_user_branch(denoiser, user_emb or {}, *user_branch, out)
+        if card.lora:
             save_lora(comp, family, denoiser, out)
         else:
             save_full(comp, denoiser, out)
     finally:
         if ema is not None:
             ema.restore(params)
-    write_model_card(out, cfg, card or {})
+    card.write(out, metrics or {})

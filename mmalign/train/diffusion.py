@@ -366,7 +366,18 @@ class DiffusionRecipe(RecipeBase):
         if self.acc.is_main_process:
             if self.cfg.model.lora is None:
                 self.comp.load_frozen()  # a full pipeline folder includes them
-            exporter.export(out_dir, self.cfg, self.comp, self.family, self.unet, self.ema, self.user_emb, card)
+            ppd = self.cfg.ppd
+            exporter.export(out_dir, self.comp, self.family, self.unet, self.model_card(), self.ema,
+                            None if ppd is None else (ppd.n_tokens, ppd.scale), self.user_emb, card)
+
+    def model_card(self) -> exporter.ModelCard:
+        c = self.cfg
+        return exporter.ModelCard(
+            base=c.model.name_or_path or f"tiny random {c.model.kind} (from config)", kind=c.model.kind,
+            lora=c.model.lora is not None, loss=c.loss.name, data=c.data.train, resolution=c.data.resolution,
+            beta=c.loss.params.get("beta"), steps=c.train.max_steps, batch_size=c.train.batch_size,
+            grad_accum=c.train.grad_accum, reference=c.model.reference, optimizer=c.train.optimizer, lr=c.train.lr,
+            scale_lr=c.train.scale_lr)
 
 
 # group RL (grpo, nft, awm) subclasses this recipe, so it is found by name -- as the CLI finds its commands and a
