@@ -178,6 +178,13 @@ def test_eval_warns_when_a_tuned_folder_lost_its_diversity(tmp_path, capsys):
     assert dino["base"]["mean"] > 0 and dino["tuned"]["fell"] is True
     page = (tmp_path / "f" / "gallery.html").read_text()
     assert page.count('<tr class="fell">') == 2 and "FELL below base" in page  # pixel and DINO rows, marked
+    # the diversity rewards are those rows: asked for with --reward, each is shown once (not a second, per-image row)
+    assert main(["eval", "--folder", f"base={tmp_path / 'base'}", "--folder", f"tuned={tmp_path / 'tuned'}",
+                 "--reward", "saturation", "--reward", "diversity", "--reward", "diversity_dino", "--tiny",
+                 "--out", str(tmp_path / "g")]) == 0
+    assert "shown once, as that row" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "g" / "summary.json").read_text())["rows"]
+    assert sorted(r["reward"] for r in rows if r["model"] == "tuned") == ["diversity", "diversity_dino", "saturation"]
 
 
 def test_feature_diversity_hand_values():

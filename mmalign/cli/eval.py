@@ -9,6 +9,8 @@ Writes DIR/samples/<model>/ (when sampling), scores.csv, summary.csv, summary.js
 """
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from mmalign.cli.checks import check_positive, check_resolution
@@ -62,6 +64,10 @@ def _named(specs: list[str], what: str) -> dict[str, str]:
     return out
 
 
+SET_ROWS = {"diversity": None, "diversity_dino": "dino"}
+"""rewards eval reports as its per-prompt diversity rows (with the --diversity measure each needs)"""
+
+
 def run(args) -> int:
     import torch
 
@@ -75,6 +81,14 @@ def run(args) -> int:
 
     if not args.reward:
         raise DataError("pass at least one --reward (see mmalign score --list)")
+    for r in [r for r in args.reward if r in SET_ROWS]:  # the same measure as eval's own per-prompt row: shown once
+        args.reward.remove(r)
+        if SET_ROWS[r]:
+            args.diversity.append(SET_ROWS[r])
+        print(f"note: --reward {r} is eval's per-prompt {r} row (one value per prompt, averaged over its images): "
+              "shown once, as that row", file=sys.stderr)
+    if not args.reward:
+        raise DataError("pass at least one --reward besides diversity (see mmalign score --list)")
     check_positive(args, "steps", "batch_size")
     check_resolution(args.resolution)
     if args.reference_images and not Path(args.reference_images).is_dir():
