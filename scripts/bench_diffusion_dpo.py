@@ -11,6 +11,9 @@ mmalign_precomputed once):
                vae.encode(...).latent_dist.sample() of winner and loser, text encoding, one forward of the
                concatenated pair, a second forward with adapters disabled as the reference, clip grad norm 1,
                AdamW (its --use_8bit_adam is CUDA-only); frozen weights in the training dtype.
+  peer_kept_heap   (CPU only) the same peer step with glibc's malloc told to keep freed memory for reuse
+               (``mmalign.utils.keep_cpu_heap``, which ``mmalign train`` does on CPU): separates what that one
+               setting gives from the rest of mmalign's step -- ``speed_ratio_vs_peer_kept_heap``.
   salesforce   the original Salesforce train.py way: full UNet fine-tune, a frozen fp32 copy as the reference,
                VAE + text encoding every step, same data decoding.
   mmalign_first_pass   ``configs/sd15/diffusion_dpo_lora.yaml`` (``configs/sdxl/...`` for --size sdxl) as
@@ -66,7 +69,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PATHS = ("peer", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_precomputed")
+PATHS = ("peer", "peer_kept_heap", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_precomputed")
 # paths run once, not in every repeat (keeps the default run under 8 minutes on 2 cores): the Salesforce full
 # fine-tune only places the old way, with 1 timed step (~25 s on CPU); the precomputed variant shares the mmalign
 # path's latent + text cache, as a sweep over the same data does
@@ -360,7 +363,11 @@ def run_mmalign(args, precomputed: bool, hook=None, first_pass: bool = False) ->
 
 def run_path(args) -> dict:
     torch.manual_seed(0)
-    if args.path in ("peer", "salesforce"):
+    if args.path == "peer_kept_heap":
+        from mmalign.utils import keep_cpu_heap
+
+        keep_cpu_heap()
+    if args.path in ("peer", "peer_kept_heap", "salesforce"):
         return run_peer(args, full=args.path == "salesforce")
     return run_mmalign(args, precomputed=args.path == "mmalign_precomputed", first_pass=args.path == "mmalign_first_pass")
 
@@ -496,6 +503,8 @@ def main():
     from mmalign.utils import print_table
 
     paths = args.paths.split(",")
+    if torch.cuda.is_available() and args.paths == ap.get_default("paths"):
+        paths.remove("peer_kept_heap")  # a CPU allocator setting: nothing to separate on a GPU
     work = Path(tempfile.mkdtemp(prefix="mmalign-bench-"))
     px = image_px(args.size, args.latent)
     rows = args.batch * (args.steps + 1)  # the rows one run reads: what the cache / precompute cover
@@ -598,6 +607,12 @@ def main():
             out[key] = round(peer["sec_per_step"] / s["first_pass_sec_per_step"], 3)
         if "sec_per_step" in sf:
             out[f"speed_ratio_vs_salesforce{suffix}"] = round(sf["sec_per_step"] / s["sec_per_step"], 3)
+    kept = summary.get("peer_kept_heap", {})
+    for name, key in (("mmalign", "speed_ratio_vs_peer_kept_heap"),
+                      ("mmalign_first_pass", "first_pass_ratio_vs_peer_kept_heap")):
+        if "sec_per_step" in kept and "sec_per_step" in summary.get(name, {}):
+            out[key] = round(kept["sec_per_step"] / summary[name]["sec_per_step"], 3)
+            out[key + "_per_repeat"] = [round(r, 3) for r in paired_ratios(runs["peer_kept_heap"], runs[name])]
     first = summary.get("mmalign_first_pass", {})
     if "sec_per_step" in first and "sec_per_step" in peer:
         ratios = paired_ratios(runs["peer"], runs["mmalign_first_pass"])
@@ -614,6 +629,10 @@ def main():
             rs = out[f"speed_ratio_vs_peer_per_repeat{suffix}"]
             span = f" (repeats {min(rs):.2f}x-{max(rs):.2f}x)" if rs else ""
             print(f"{name} vs peer: {out[f'speed_verdict{suffix}']}{span}")
+    for key in ("speed_ratio_vs_peer_kept_heap", "first_pass_ratio_vs_peer_kept_heap"):
+        if key in out:
+            rs = out[key + "_per_repeat"]
+            print(f"{key}: {out[key]:.2f}x" + (f" (repeats {min(rs):.2f}x-{max(rs):.2f}x)" if rs else ""))
     print("JSON " + json.dumps(out))
 
 

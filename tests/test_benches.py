@@ -26,10 +26,11 @@ def test_diffusion_bench_prints_every_ratio_from_one_run():
                    "--repeats", "1")
     for key in ("speed_ratio_vs_peer", "memory_ratio_vs_peer", "speed_ratio_vs_salesforce", "first_pass_ratio_vs_peer",
                 "first_pass_ratio_vs_peer_built_up_front", "memory_ratio_vs_peer_first_pass",
-                "speed_ratio_vs_peer_precomputed", "memory_ratio_vs_peer_precomputed"):
+                "speed_ratio_vs_peer_precomputed", "memory_ratio_vs_peer_precomputed", "speed_ratio_vs_peer_kept_heap",
+                "first_pass_ratio_vs_peer_kept_heap"):
         assert out[key] > 0, key
     paths = out["paths"]
-    assert {"peer", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_precomputed"} <= set(paths)
+    assert {"peer", "peer_kept_heap", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_precomputed"} <= set(paths)
     assert paths["mmalign_first_pass"]["cache_reused"] == [False] and len(out["first_pass_ratio_vs_peer_per_repeat"]) == 1
     assert all("error" not in s for s in paths.values()), paths
     # the precomputed path reuses the mmalign path's cache (as a sweep does): it builds none itself

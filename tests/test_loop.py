@@ -152,3 +152,44 @@ def test_nan_gradient_with_finite_loss_is_caught(tmp_path, clip):
     res = train(r, cfg(tmp_path / "s", max_steps=5, max_grad_norm=clip, nan_policy="skip"), Accelerator())
     assert res.skipped_steps == 1
     assert torch.isfinite(weights(r)).all()
+
+
+_HEAP_PROBE = """
+import os, sys, torch
+from mmalign.utils import keep_cpu_heap
+print(keep_cpu_heap(), file=sys.stderr)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+x = torch.ones(16 * 2**20)  # 64 MB, above glibc's largest mmap threshold (32 MB)
+before = rss()
+del x
+print((before - rss()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "confstr") or
+                    not __import__("os").confstr("CS_GNU_LIBC_VERSION").startswith("glibc"), reason="glibc only")
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_cpu_heap_is_kept_between_steps(keep):
+    """keep_cpu_heap (what train() does on CPU): a freed 64 MB block stays in the process for reuse instead of
+    being unmapped (and faulted in again, page by page, by the next step's same-sized buffer);
+    MMALIGN_KEEP_CPU_HEAP=0 opts out, and then the block goes back to the system."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MMALIGN_KEEP_CPU_HEAP": keep})
+    returned_mb = float(out.stdout.split()[-1])
+    assert out.stderr.strip().splitlines()[-1] == ("True" if keep == "1" else "False")
+    assert returned_mb < 1 if keep == "1" else returned_mb > 60, returned_mb
+
+
+def test_train_keeps_the_cpu_heap_on_cpu(tmp_path, monkeypatch):
+    import mmalign.train.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "keep_cpu_heap", lambda: calls.append(1) or True)
+    train(ToyRecipe(), cfg(tmp_path, max_steps=1), Accelerator(cpu=True))
+    assert calls == [1]

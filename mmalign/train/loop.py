@@ -29,6 +29,7 @@ from mmalign.data.records import DataError
 from mmalign.losses import MetricSums, backward_loss
 from mmalign.utils import (
     example_generator,  # noqa: F401  (re-exported: recipes key their draws by it)
+    keep_cpu_heap,
     print_table,
 )
 
@@ -274,6 +275,8 @@ def _sigterm_as_interrupt():
 def train(recipe, cfg: TrainSection, accelerator, config: dict | None = None,
           on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Run ``cfg.max_steps`` optimiser steps of ``recipe`` (see module docstring), holding the output_dir's lock."""
+    if accelerator.device.type == "cpu":
+        keep_cpu_heap()  # each CPU step re-allocates the same large buffers: reuse them (its docstring)
     with ckpt.output_lock(cfg.output_dir, accelerator.is_main_process):
         return _train(recipe, cfg, accelerator, config, on_step)
 
