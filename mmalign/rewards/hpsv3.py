@@ -28,7 +28,7 @@ import torch.nn as nn
 from mmalign.data.records import DataError
 from mmalign.paths import ASSETS, resolve
 
-from .models import REWARDS, Reward
+from .models import REWARDS, Reward, pil_images
 
 Tensor = torch.Tensor
 PIXELS = 256 * 28 * 28
@@ -207,8 +207,5 @@ class HPSv3(Reward):
         return cls(HPSv3Backbone(vlm, processor, reward_head(config["hidden_size"])), device)
 
     def _score(self, images, prompts, references):
-        if isinstance(images, torch.Tensor):
-            from torchvision.transforms.functional import to_pil_image
-
-            images = [to_pil_image(x.float().clamp(0, 1).cpu()) for x in images]
+        images = pil_images(images)
         return self.backbone(images, prompts)[:, 0]

@@ -22,7 +22,7 @@ import torch
 
 from mmalign.data.records import DataError
 
-from .models import REWARDS, Reward
+from .models import REWARDS, Reward, pil_images
 
 Tensor = torch.Tensor
 QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
@@ -125,10 +125,7 @@ class VQAScore(Reward):
         return self.atoms[prompt]
 
     def _score(self, images, prompts, references):
-        if isinstance(images, torch.Tensor):
-            from torchvision.transforms.functional import to_pil_image
-
-            images = [to_pil_image(x.float().clamp(0, 1).cpu()) for x in images]
+        images = pil_images(images)
         out = []
         for image, prompt in zip(images, prompts):
             ps = []

@@ -30,6 +30,16 @@ def lambda_harmonic(s_i2i: Tensor, s_t2i: Tensor, lam: float = 0.5) -> Tensor:
     return 1.0 / (lam / (s_i2i + 1e-8) + (1.0 - lam) / (s_t2i + 1e-8))
 
 
+def pil_images(images) -> list:
+    """The ``score`` input as a list of PIL images: a ``[N, 3, H, W]`` tensor in [0, 1] is clamped and converted
+    (for rewards whose processors take PIL images); a list is returned as is."""
+    if isinstance(images, Tensor):
+        from torchvision.transforms.functional import to_pil_image
+
+        return [to_pil_image(x.detach().float().clamp(0, 1).cpu()) for x in images]
+    return list(images)
+
+
 def _tiny_hf_clip(projection_dim: int = 32, seed: int = 0) -> HFClip:
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 

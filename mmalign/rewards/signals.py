@@ -16,17 +16,9 @@ import torch
 from mmalign.data.records import DataError
 
 from .backbones import DinoViT
-from .models import REWARDS, Reward
+from .models import REWARDS, Reward, pil_images
 
 Tensor = torch.Tensor
-
-
-def _pil(images) -> list:
-    if isinstance(images, Tensor):
-        from torchvision.transforms.functional import to_pil_image
-
-        return [to_pil_image(x.float().clamp(0, 1).cpu()) for x in images]
-    return list(images)
 
 
 def _rgb(images) -> np.ndarray:
@@ -55,7 +47,7 @@ def pixel_distances(images, size: int = 16) -> Tensor:
     from PIL import Image
 
     x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR),
-                                              dtype=np.float32).ravel() / 255.0 for im in _pil(images)]))
+                                              dtype=np.float32).ravel() / 255.0 for im in pil_images(images)]))
     return torch.cdist(x[None].double(), x[None].double())[0].float() / np.sqrt(x.shape[1])
 
 
