@@ -41,7 +41,9 @@ after loading, Linux), which leaves out the one-off loading spike. Step times ar
 run warms up one step first). ``speed_ratio_vs_peer_per_repeat`` pairs each repeat's peer run with ours (the
 paths of one repeat run back to back, so they share the machine's state) and ``speed_verdict`` is ``faster`` or
 ``slower`` only when every repeat agrees, ``within noise`` when the spread crosses 1 -- on a busy machine the
-spread, not the median, is the result.
+spread, not the median, is the result. On CPU a run of the default paths also counts the dispatched aten ops of one
+warmed step, peer vs mmalign, at SDXL's layout (``--ops-layout``; what ``--ops --size sdxl_layout --latent 8`` prints
+alone): ``ops_ratio_vs_peer``.
 
     python scripts/bench_diffusion_dpo.py                                   # sd15 UNet, 16x16 latents, CPU
     python scripts/bench_diffusion_dpo.py --latent 32 --steps 5 --repeats 1
@@ -407,6 +409,26 @@ def count_ops(args) -> dict:
     return res
 
 
+def ops_summary(args) -> dict:
+    """``count_ops`` at ``args.size`` / ``args.latent``, printed as a table; ``ops`` per path and
+    ``ops_ratio_vs_peer`` (mmalign / peer) for the JSON line."""
+    from mmalign.utils import print_table
+
+    res = count_ops(args)
+    rows = [[k, v.get("aten_ops", "failed"), ", ".join(f"{n} {c}" for n, c in v.get("top", [])[:5])]
+            for k, v in res.items()]
+    print(f"\ndispatched aten ops of one warmed step, {args.size} layout ({args.latent}x{args.latent} latents), "
+          f"{args.batch} pair(s), rank {args.rank}")
+    print_table(["path", "aten ops", "most frequent"], rows)
+    out = {"ops": {k: v.get("aten_ops") for k, v in res.items()}, "ops_layout": args.size}
+    if all("aten_ops" in v for v in res.values()):
+        out["ops_ratio_vs_peer"] = round(res["mmalign"]["aten_ops"] / res["peer"]["aten_ops"], 3)
+    for k, v in res.items():
+        if "error" in v:
+            print(f"{k} failed:\n{v['error']}")
+    return out
+
+
 def paired_ratios(peer_runs: list[dict], our_runs: list[dict]) -> list[float]:
     """Speed ratio of each interleaved repeat: the peer run's median step time over ours in the same repeat (the
     machine's state drifts between repeats; within one it is shared), so the spread of these ratios is the noise."""
@@ -467,6 +489,10 @@ def main():
     ap.add_argument("--profile", choices=PATHS, help="profile one step of this path instead")
     ap.add_argument("--ops", action="store_true", help="count the dispatched aten ops of one step, peer vs mmalign "
                     "(e.g. --size sdxl_layout --latent 8), instead of timing")
+    ap.add_argument("--ops-layout", choices=[*SIZES, "none"], default="sdxl_layout",
+                    help="a run of the default paths on CPU also counts the dispatched ops of one step, peer vs "
+                    "mmalign, at this layout with 8x8 latents (about a minute for sdxl_layout): ops_ratio_vs_peer; "
+                    "none: skip")
     ap.add_argument("--in-process", action="store_true", help="run every path in this process (quick smoke test, "
                     "e.g. gpu_check.sh --dry-run: the memory figures then mean nothing)")
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -482,20 +508,8 @@ def main():
     if args.path:
         return child(args)
     if args.ops:
-        from mmalign.utils import print_table
-
-        res = count_ops(args)
-        rows = [[k, v.get("aten_ops", "failed"), ", ".join(f"{n} {c}" for n, c in v.get("top", [])[:5])]
-                for k, v in res.items()]
-        print(f"\ndispatched aten ops of one warmed step, {args.size} layout, {args.batch} pair(s), rank {args.rank}")
-        print_table(["path", "aten ops", "most frequent"], rows)
         out = {"size": args.size, "latent": args.latent, "batch": args.batch, "overrides": args.overrides,
-               "ops": {k: v.get("aten_ops") for k, v in res.items()}}
-        if all("aten_ops" in v for v in res.values()):
-            out["ops_ratio_vs_peer"] = round(res["mmalign"]["aten_ops"] / res["peer"]["aten_ops"], 3)
-        for k, v in res.items():
-            if "error" in v:
-                print(f"{k} failed:\n{v['error']}")
+               **ops_summary(args)}
         print("JSON " + json.dumps(out))
         return None
     from mmalign.diffusion.data import write_pickapic_parquet
@@ -633,6 +647,11 @@ def main():
         if key in out:
             rs = out[key + "_per_repeat"]
             print(f"{key}: {out[key]:.2f}x" + (f" (repeats {min(rs):.2f}x-{max(rs):.2f}x)" if rs else ""))
+    if args.ops_layout != "none" and args.paths == ap.get_default("paths") and not args.in_process \
+            and not torch.cuda.is_available():  # the host-side op count (#27's target is at SDXL's layout)
+        out.update(ops_summary(argparse.Namespace(**{**vars(args), "size": args.ops_layout, "latent": 8})))
+        print(f"ops_ratio_vs_peer ({args.ops_layout} layout): {out.get('ops_ratio_vs_peer', 'failed')}")
+    out["total_s"] = round(time.perf_counter() - t_all, 1)
     print("JSON " + json.dumps(out))
 
 

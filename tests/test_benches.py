@@ -23,11 +23,11 @@ def run_json(*argv: str) -> dict:
 @pytest.mark.slow  # cost: launches processes / runs a script end to end
 def test_diffusion_bench_prints_every_ratio_from_one_run():
     out = run_json("scripts/bench_diffusion_dpo.py", "--size", "tiny", "--latent", "8", "--steps", "1",
-                   "--repeats", "1")
+                   "--repeats", "1", "--ops-layout", "tiny")
     for key in ("speed_ratio_vs_peer", "memory_ratio_vs_peer", "speed_ratio_vs_salesforce", "first_pass_ratio_vs_peer",
                 "first_pass_ratio_vs_peer_built_up_front", "memory_ratio_vs_peer_first_pass",
                 "speed_ratio_vs_peer_precomputed", "memory_ratio_vs_peer_precomputed", "speed_ratio_vs_peer_kept_heap",
-                "first_pass_ratio_vs_peer_kept_heap"):
+                "first_pass_ratio_vs_peer_kept_heap", "ops_ratio_vs_peer"):
         assert out[key] > 0, key
     paths = out["paths"]
     assert {"peer", "peer_kept_heap", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_precomputed"} <= set(paths)
