@@ -385,8 +385,13 @@ def profile(args) -> None:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     args.steps = 1  # two steps: the first (and everything before it) is skipped, the second is recorded
+    if args.profile == "peer_kept_heap":
+        from mmalign.utils import keep_cpu_heap
+
+        keep_cpu_heap()
     with prof(activities=acts, schedule=schedule(wait=1, warmup=0, active=1)) as p:
-        {"peer": lambda: run_peer(args, False, p.step), "salesforce": lambda: run_peer(args, True, p.step),
+        {"peer": lambda: run_peer(args, False, p.step), "peer_kept_heap": lambda: run_peer(args, False, p.step),
+         "salesforce": lambda: run_peer(args, True, p.step),
          "mmalign": lambda: run_mmalign(args, False, p.step),
          "mmalign_precomputed": lambda: run_mmalign(args, True, p.step),
          "mmalign_first_pass": lambda: run_mmalign(args, False, p.step, first_pass=True)}[args.profile]()
