@@ -1,8 +1,8 @@
 """Diffusion-DPO LoRA step time and peak memory: mmalign vs the way people run it today, same run.
 
 Paths (each repeat of each path is its own subprocess, so its peak memory -- CUDA max allocated, or peak RSS on
-CPU -- is its own; repeats are interleaved: peer, salesforce, mmalign_first_pass, mmalign, mmalign_precomputed,
-peer, mmalign_first_pass, mmalign, ...; salesforce, the slowest by far, runs once with 1 timed step;
+CPU -- is its own; repeats are interleaved: peer, peer_kept_heap, salesforce, mmalign_first_pass, mmalign,
+mmalign_sweep, mmalign_precomputed, peer, ...; salesforce, the slowest by far, runs once with 1 timed step;
 mmalign_precomputed once):
 
   peer         the diffusers LoRA script's step (examples/research_projects/diffusion_dpo/train_diffusion_dpo.py
@@ -26,13 +26,20 @@ mmalign_precomputed once):
                before training for a run that reads its data more than once; the first repeat builds it,
                ``data.cache_build=before_training``, its time reported as ``cache_build_s``); later repeats reuse
                it, as every later epoch and every later run on the same data does -- and, the cache being
-               complete, never load the VAE or the text encoders.
+               complete, never load the VAE or the text encoders. As a later *epoch*, whose noise draws no
+               earlier step made, it runs with ``model.reference_record=false`` (else a repeat would read the
+               reference scores of the one before: that is the next path).
+  mmalign_sweep   a later run of a sweep: the same config, data and seed with another beta (2500), after a first
+               run (untimed, once) that recorded its reference scores in the cache folder
+               (``model.reference_record``, on as shipped): every step meets draws the first run made, so the
+               reference forward leaves the step -- noise still drawn fresh per (step, pair), unlike
+               ``mmalign_precomputed``'s fixed draws.
   mmalign_precomputed   the same plus ``model.reference=precomputed, data.noise_draws=1``: reference scores
                are computed once per pair before training (and kept in the cache folder for later runs),
                so the reference forward leaves the step. It reuses the mmalign path's latent + text cache.
 
 Printed: a table, then one JSON line with speed_ratio_vs_peer, memory_ratio_vs_peer, speed_ratio_vs_salesforce
-(mmalign in its steady state), the same for mmalign_precomputed, ``first_pass_ratio_vs_peer`` (the peer's step
+(mmalign in its steady state), the same for mmalign_sweep and mmalign_precomputed (``_sweep``, ``_precomputed``), ``first_pass_ratio_vs_peer`` (the peer's step
 time over mmalign_first_pass's, with its per-repeat ratios and verdict) and ``first_pass_ratio_vs_peer_built_up_front``
 (the steady step *plus* the per-step share of building the whole cache first -- the first run's setup less the
 loading time of the later runs: what a single pass cost before ``cache_build``). Peak memory: CUDA max allocated during the steps, or the process's peak RSS on CPU (loading included);
@@ -71,7 +78,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PATHS = ("peer", "peer_kept_heap", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_precomputed")
+PATHS = ("peer", "peer_kept_heap", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_sweep",
+         "mmalign_precomputed")
 # paths run once, not in every repeat (keeps the default run under 8 minutes on 2 cores): the Salesforce full
 # fine-tune only places the old way, with 1 timed step (~25 s on CPU); the precomputed variant shares the mmalign
 # path's latent + text cache, as a sweep over the same data does
@@ -314,7 +322,7 @@ def run_peer(args, full: bool, hook=None) -> dict:
 # ------------------------------------------------------------------ mmalign (child process)
 
 
-def mmalign_config(args, precomputed: bool, first_pass: bool = False):
+def mmalign_config(args, precomputed: bool, first_pass: bool = False, sweep: str | None = None):
     from mmalign.train.sections import load_config
 
     cuda = torch.cuda.is_available()
@@ -334,6 +342,10 @@ def mmalign_config(args, precomputed: bool, first_pass: bool = False):
         over += ["model.reference=precomputed", "data.noise_draws=1"]
     elif not first_pass:  # the steady state: the whole cache, as a run reading its data twice builds it
         over.append("data.cache_build=before_training")
+        if sweep is None:  # a later epoch: draws no earlier step made (mmalign_sweep reads the record)
+            over.append("model.reference_record=false")
+        elif sweep == "run":  # a later run of a sweep over beta; the first (sweep == "record") keeps the config's
+            over.append("loss.beta=2500")
     over += args.overrides  # --overrides: measure a lever, e.g. model.channels_last=true
     if args.size in XL:
         over.append("model.vae=null")  # the config's fp16-fix VAE is a hub id; the bench model has its own
@@ -341,13 +353,13 @@ def mmalign_config(args, precomputed: bool, first_pass: bool = False):
     return load_config(ROOT / f"configs/{name}/diffusion_dpo_lora.yaml", over)
 
 
-def run_mmalign(args, precomputed: bool, hook=None, first_pass: bool = False) -> dict:
+def run_mmalign(args, precomputed: bool, hook=None, first_pass: bool = False, sweep: str | None = None) -> dict:
     from accelerate import Accelerator
 
     from mmalign.train.diffusion import DiffusionRecipe
     from mmalign.train.loop import train
 
-    cfg = mmalign_config(args, precomputed, first_pass)
+    cfg = mmalign_config(args, precomputed, first_pass, sweep)
     if first_pass:  # data nobody has cached, every run
         shutil.rmtree(Path(args.work) / "fresh-cache", ignore_errors=True)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
@@ -360,6 +372,7 @@ def run_mmalign(args, precomputed: bool, hook=None, first_pass: bool = False) ->
     return {"step_times": [r["train/sec_per_step"] for r in res.history][1:], "peak_mb": peak_memory_mb(),
             "train_peak_mb": train_peak_mb(),
             "setup_s": setup, "cache_reused": cached,
+            "reference_reads": sum(r.reads for r in recipe.records.values()),  # batches whose reference was read
             "trainable": sum(p.numel() for p in recipe.trainable_parameters())}
 
 
@@ -371,7 +384,9 @@ def run_path(args) -> dict:
         keep_cpu_heap()
     if args.path in ("peer", "peer_kept_heap", "salesforce"):
         return run_peer(args, full=args.path == "salesforce")
-    return run_mmalign(args, precomputed=args.path == "mmalign_precomputed", first_pass=args.path == "mmalign_first_pass")
+    sweep = {"mmalign_sweep": "run", "mmalign_sweep_record": "record"}.get(args.path)
+    return run_mmalign(args, precomputed=args.path == "mmalign_precomputed", first_pass=args.path == "mmalign_first_pass",
+                       sweep=sweep)
 
 
 def child(args) -> None:
@@ -491,7 +506,8 @@ def main():
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--overrides", nargs="*", default=[],
                     help="config overrides for the mmalign paths (e.g. model.channels_last=true)")
-    ap.add_argument("--profile", choices=PATHS, help="profile one step of this path instead")
+    ap.add_argument("--profile", choices=[p for p in PATHS if p != "mmalign_sweep"],
+                    help="profile one step of this path instead")
     ap.add_argument("--ops", action="store_true", help="count the dispatched aten ops of one step, peer vs mmalign "
                     "(e.g. --size sdxl_layout --latent 8), instead of timing")
     ap.add_argument("--ops-layout", choices=[*SIZES, "none"], default="sdxl_layout",
@@ -545,6 +561,11 @@ def main():
         for path in paths:
             if path in RUN_ONCE and rep > 0 and runs[path] and "error" not in runs[path][0]:
                 continue
+            if path == "mmalign_sweep" and not runs[path]:
+                print("  mmalign_sweep's first run (untimed): records the reference scores", flush=True)
+                first = launch("mmalign_sweep_record", args, work)
+                if "error" in first:
+                    print(f"  mmalign_sweep_record failed:\n{first['error']}", flush=True)
             print(f"repeat {rep + 1}/{args.repeats}: {path} ...", flush=True)
             r = launch(path, args, work)
             if "error" in r:
@@ -569,6 +590,7 @@ def main():
         if "setup_s" in ok[0]:
             s["setup_s"] = [round(r["setup_s"], 1) for r in ok]
             s["cache_reused"] = [r["cache_reused"] for r in ok]
+            s["reference_reads"] = [r["reference_reads"] for r in ok]
         summary[path] = s
     # one pass over uncached data: the one-off work (building the cache; precomputing the reference) -- a first
     # run's setup less the loading every run does (the peer's too) -- shared out over that run's steps. The
@@ -610,8 +632,9 @@ def main():
     out = {"size": args.size, "latent": args.latent, "batch": args.batch, "rank": args.rank, "device": device,
            "overrides": args.overrides,
            "total_s": round(time.perf_counter() - t_all, 1), "paths": summary}
-    for name in ("mmalign", "mmalign_precomputed"):
-        s, suffix = summary.get(name, {}), "" if name == "mmalign" else "_precomputed"
+    suffixes = {"mmalign": "", "mmalign_sweep": "_sweep", "mmalign_precomputed": "_precomputed"}
+    for name, suffix in suffixes.items():
+        s = summary.get(name, {})
         if "sec_per_step" not in s:
             continue
         if "sec_per_step" in peer:
@@ -623,12 +646,14 @@ def main():
             if "train_peak_mb" in s and "train_peak_mb" in peer:
                 out[f"train_memory_ratio_vs_peer{suffix}"] = round(s["train_peak_mb"] / peer["train_peak_mb"], 3)
             key = "first_pass_ratio_vs_peer_built_up_front" if name == "mmalign" else f"first_pass_ratio_vs_peer{suffix}"
-            out[key] = round(peer["sec_per_step"] / s["first_pass_sec_per_step"], 3)
+            if "first_pass_sec_per_step" in s:
+                out[key] = round(peer["sec_per_step"] / s["first_pass_sec_per_step"], 3)
         if "sec_per_step" in sf:
             out[f"speed_ratio_vs_salesforce{suffix}"] = round(sf["sec_per_step"] / s["sec_per_step"], 3)
     kept = summary.get("peer_kept_heap", {})
     for name, key in (("mmalign", "speed_ratio_vs_peer_kept_heap"),
-                      ("mmalign_first_pass", "first_pass_ratio_vs_peer_kept_heap")):
+                      ("mmalign_first_pass", "first_pass_ratio_vs_peer_kept_heap"),
+                      ("mmalign_sweep", "speed_ratio_vs_peer_kept_heap_sweep")):
         if "sec_per_step" in kept and "sec_per_step" in summary.get(name, {}):
             out[key] = round(kept["sec_per_step"] / summary[name]["sec_per_step"], 3)
             out[key + "_per_repeat"] = [round(r, 3) for r in paired_ratios(runs["peer_kept_heap"], runs[name])]
@@ -642,13 +667,13 @@ def main():
         rs = out["first_pass_ratio_vs_peer_per_repeat"]
         print(f"mmalign_first_pass vs peer: {out['first_pass_verdict']}"
               + (f" (repeats {min(rs):.2f}x-{max(rs):.2f}x)" if rs else ""))
-    for name in ("mmalign", "mmalign_precomputed"):
-        suffix = "" if name == "mmalign" else "_precomputed"
+    for name, suffix in suffixes.items():
         if f"speed_verdict{suffix}" in out:
             rs = out[f"speed_ratio_vs_peer_per_repeat{suffix}"]
             span = f" (repeats {min(rs):.2f}x-{max(rs):.2f}x)" if rs else ""
             print(f"{name} vs peer: {out[f'speed_verdict{suffix}']}{span}")
-    for key in ("speed_ratio_vs_peer_kept_heap", "first_pass_ratio_vs_peer_kept_heap"):
+    for key in ("speed_ratio_vs_peer_kept_heap", "first_pass_ratio_vs_peer_kept_heap",
+                "speed_ratio_vs_peer_kept_heap_sweep"):
         if key in out:
             rs = out[key + "_per_repeat"]
             print(f"{key}: {out[key]:.2f}x" + (f" (repeats {min(rs):.2f}x-{max(rs):.2f}x)" if rs else ""))

@@ -27,15 +27,20 @@ def test_diffusion_bench_prints_every_ratio_from_one_run():
     for key in ("speed_ratio_vs_peer", "memory_ratio_vs_peer", "speed_ratio_vs_salesforce", "first_pass_ratio_vs_peer",
                 "first_pass_ratio_vs_peer_built_up_front", "memory_ratio_vs_peer_first_pass",
                 "speed_ratio_vs_peer_precomputed", "memory_ratio_vs_peer_precomputed", "speed_ratio_vs_peer_kept_heap",
-                "first_pass_ratio_vs_peer_kept_heap", "ops_ratio_vs_peer"):
+                "first_pass_ratio_vs_peer_kept_heap", "ops_ratio_vs_peer", "speed_ratio_vs_peer_sweep",
+                "speed_ratio_vs_peer_kept_heap_sweep"):
         assert out[key] > 0, key
     paths = out["paths"]
-    assert {"peer", "peer_kept_heap", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_precomputed"} <= set(paths)
+    assert {"peer", "peer_kept_heap", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_sweep",
+            "mmalign_precomputed"} <= set(paths)
     assert paths["mmalign_first_pass"]["cache_reused"] == [False] and len(out["first_pass_ratio_vs_peer_per_repeat"]) == 1
     assert all("error" not in s for s in paths.values()), paths
     # the precomputed path reuses the mmalign path's cache (as a sweep does): it builds none itself
     assert paths["mmalign"]["cache_reused"] == [False] and paths["mmalign_precomputed"]["cache_reused"] == [True]
     assert paths["mmalign"]["trainable"] == paths["peer"]["trainable"]  # the same LoRA on both sides
+    # a later epoch computes its reference (no earlier step drew its noise); a later run of a sweep reads every
+    # step's (1 warm-up + 1 timed) from the record of its first run
+    assert paths["mmalign"]["reference_reads"] == [0] and paths["mmalign_sweep"]["reference_reads"] == [2]
     assert len(out["speed_ratio_vs_peer_per_repeat"]) == 1 and out["speed_verdict"].startswith("one repeat")
 
 

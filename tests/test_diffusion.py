@@ -379,6 +379,40 @@ def test_precomputed_reference_table_is_kept_and_reused(tmp_path, monkeypatch):
     assert calls == [1] and len(list((tmp_path / "cache" / "reference").glob("train-*.safetensors"))) == 2
 
 
+def test_reference_record_is_read_by_a_later_run_of_a_sweep(tmp_path, monkeypatch):
+    """model.reference_record: a run keeps the reference scores its steps computed in data.cache_dir; a later run
+    on the same data and seed (another beta and lr: a sweep) reads them instead of running the reference forward
+    and trains exactly as it does without the record; an eval repeats its draws, so each eval after the first
+    reads them; another seed draws other noise and computes its own."""
+    calls = []
+    real = DiffusionRecipe._ref_mse
+    monkeypatch.setattr(DiffusionRecipe, "_ref_mse", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+
+    def run_(name, *ov):
+        calls.clear()
+        res = run(cfg_(tmp_path / name, "data.max_examples=8", f"data.cache_dir={tmp_path / 'cache'}",
+                       "train.max_steps=3", "train.eval_every=1", "train.batch_size=4", *ov))
+        losses = [(h["step"], h.get("train/loss"), h.get("eval/loss")) for h in res.history]
+        return len(calls), losses
+
+    unrecorded, _ = run_("none", "model.reference_record=false")
+    assert not list((tmp_path / "cache" / "reference").glob("*"))
+    first, _ = run_("first")
+    evals = first - 3  # 3 steps, and only the first of the 4 evals (before step 1 and after each step) computes
+    assert evals >= 1 and unrecorded == 3 + 4 * evals
+    sweep = ["loss.beta=1000", "train.lr=0.01", "model.lora.r=2"]
+    n, recorded = run_("sweep", *sweep)
+    assert n == 0  # every step's and every eval's reference scores came from the record
+    _, computed = run_("sweep-unrecorded", *sweep, "model.reference_record=false")
+    assert recorded == computed and any(x[1] is not None for x in recorded)  # the same losses, to the bit
+    n, _ = run_("seed", "train.seed=7")
+    assert n == 3 + evals  # other draws: computed (and recorded) anew
+    for f in (tmp_path / "cache" / "reference").glob("*-steps-*.safetensors"):
+        f.write_bytes(b"torn by a kill")  # an unreadable record is recomputed, never trusted
+    n, again = run_("sweep-torn", *sweep)
+    assert n == 3 + evals and again == recorded
+
+
 def test_grid_labels_wrap_instead_of_being_cut():
     """Grid labels (validation, online rounds) once showed 'a red circ': every character now appears, within the cell."""
     from PIL import Image, ImageDraw

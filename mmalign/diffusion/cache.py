@@ -420,3 +420,58 @@ def precompute_table(data, inputs, ref_mse, split: str, draws: int, device, batc
             w, l_ = ref_mse(x0, noise, t, cond).chunk(2)
             table[batch.index.cpu(), k] = torch.stack([w, l_], -1).cpu()
     return table
+
+
+class ReferenceRecord:
+    """The reference scores the steps computed, kept in ``data.cache_dir`` for the next run that draws the same
+    noise: a pair's draws are keyed by (seed, step, row) (``PairInputs.generator``), so a later run of a sweep --
+    another beta, learning rate, loss or LoRA rank on the same data and seed -- meets the same (step, row) draws
+    and reads their scores instead of running the reference forward (one of the step's three denoiser passes).
+    Eval draws do not depend on the step: every eval after the first reads them, within the run too.
+
+    Files: ``<reference_table_path stem>-steps-<rank>.safetensors`` beside the precomputed tables, under the same
+    key (everything the scores depend on, nothing else); one per process, all read at start. ``lookup`` answers
+    only when every pair of the batch is known (else the batch is computed as usual and ``add``-ed), so a record
+    from a run with another batch size is read where it covers a batch and never mixes into one."""
+
+    def __init__(self, prefix: Path, rank: int = 0):
+        self.path = prefix.with_name(f"{prefix.stem}-steps-{rank}.safetensors")
+        self.known: dict[tuple[int, int], Tensor] = {}  # every process's, read at start, and this one's new ones
+        self.own: dict[tuple[int, int], Tensor] = {}  # this process's file: what it read from it and added
+        self.new = self.reads = 0  # scores added since the last flush; batches answered
+        for f in sorted(prefix.parent.glob(f"{prefix.stem}-steps-*.safetensors")):
+            try:
+                t = load_file(str(f))
+            except Exception as e:  # a torn file from a killed run: recomputed, never trusted
+                print(f"note: reference record {f} unreadable ({type(e).__name__}); its scores are recomputed")
+                continue
+            entries = dict(zip(map(tuple, t["keys"].tolist()), t["mse"]))
+            self.known.update(entries)
+            if f == self.path:
+                self.own.update(entries)
+
+    def lookup(self, step: int, rows: Tensor) -> Tensor | None:
+        """``[2B]`` (winners' scores, then losers'), as the reference forward returns them, or None."""
+        got = [self.known.get((step, r)) for r in rows.tolist()]
+        if not got or any(g is None for g in got):
+            return None
+        wl = torch.stack(got)
+        self.reads += 1
+        return torch.cat([wl[:, 0], wl[:, 1]])
+
+    def add(self, step: int, rows: Tensor, ref: Tensor):
+        w, l_ = ref.detach().float().cpu().chunk(2)
+        for r, s in zip(rows.tolist(), torch.stack([w, l_], -1)):
+            self.known[(step, int(r))] = self.own[(step, int(r))] = s
+        self.new += len(w)
+
+    def flush(self):
+        """Write this process's scores (atomically: a temp file, then rename), when any are new."""
+        if not self.new:
+            return
+        keys = torch.tensor(list(self.own), dtype=torch.int64).view(-1, 2)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        save_file({"keys": keys, "mse": torch.stack(list(self.own.values())).contiguous()}, str(tmp))
+        os.replace(tmp, self.path)
+        self.new = 0

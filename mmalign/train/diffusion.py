@@ -18,7 +18,7 @@ import torch
 from mmalign.diffusion import export as exporter
 from mmalign.diffusion.cache import HALF, CachedPairs, build_cache, cache_dtype, cache_options, cache_path
 from mmalign.diffusion.cache import caches_complete, compact_fill, load_or_compute_table, precompute_table
-from mmalign.diffusion.cache import reference_table_path, write_empty
+from mmalign.diffusion.cache import ReferenceRecord, reference_table_path, write_empty
 from mmalign.diffusion.data import ImagePairBatch, PreferencePairs
 from mmalign.diffusion.families import BETA_SCALE, family_for
 from mmalign.diffusion.fill import CacheFill, MarkUnreadable
@@ -213,9 +213,12 @@ class DiffusionRecipe(RecipeBase):
         self.acc.wait_for_everyone()
 
     def flush_fills(self):
-        """Write what the steps encoded (``data.cache_build=while_training``) to the cache folder."""
+        """Write what the steps encoded (``data.cache_build=while_training``) and the reference scores they
+        computed (``model.reference_record``) to the cache folder."""
         for fill in self.inputs.fills.values():
             fill.flush()
+        for rec in getattr(self, "records", {}).values():
+            rec.flush()
 
     def on_step_end(self, step: int, applied: bool = True) -> None:
         super().on_step_end(step, applied)
@@ -234,11 +237,42 @@ class DiffusionRecipe(RecipeBase):
         self.reference = Reference(self.ref_kind, self.unet, mode="policy", dtype=self.dtype,
                                    offload=cfg.model.reference_offload,
                                    detach=(lambda m: user_branch(m, False)) if cfg.ppd is not None else None)
+        self.records = self._reference_records()
         self.ema = None
         if cfg.model.ema:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.trainable_parameters(), decay=cfg.model.ema_decay, foreach=True)
+
+    def _reference_records(self) -> dict[str, ReferenceRecord]:
+        """model.reference_record: per split, the reference scores earlier steps and runs computed for the same
+        draws. Not where the reference depends on more than the frozen base and the keyed draws: DDIM-InPO's
+        inversion by the current policy, PPD's user branch, online rounds' fresh samples."""
+        cfg = self.cfg
+        if not (cfg.model.reference_record and cfg.data.cache_dir and self.ref_kind in ("peft", "copy")
+                and cfg.inversion is None and cfg.ppd is None and cfg.online is None):
+            return {}
+        recs = {split: ReferenceRecord(reference_table_path(cfg, split, cfg.data.noise_draws if split == "train"
+                                                            else 1), self.acc.process_index)
+                for split in ("train", "eval")}
+        n = sum(len(r.known) for r in recs.values())
+        if n:
+            self.acc.print(f"reference scores of earlier steps with the same draws: {n} pairs "
+                           f"({cfg.data.cache_dir}/reference): their reference forward is skipped")
+        return recs
+
+    def _reference(self, x0, noise, t, cond, xt, batch: ImagePairBatch, step: int, split: str) -> Tensor:
+        """The reference's per-sample MSE ``[2B]``: from the record when it has this batch's draws, else computed
+        (and recorded). Draw keys as ``PairInputs.generator``: eval draws do not depend on the step."""
+        rec = self.records.get(split)
+        draws = self.cfg.data.noise_draws
+        key = 0 if split == "eval" else (step % draws if draws else step)
+        ref = rec.lookup(key, batch.index) if rec is not None else None
+        if ref is None:
+            ref = self._ref_mse(x0, noise, t, cond, xt).float()
+            if rec is not None:
+                rec.add(key, batch.index, ref)
+        return ref
 
     def _precompute_reference(self):
         """Reference scores of every pair, kept in data.cache_dir: later runs on the same data reuse them."""
@@ -325,7 +359,7 @@ class DiffusionRecipe(RecipeBase):
             tab = self.reference.lookup(split, batch.index, k)["mse"].to(mse.device)
             ref = torch.cat([tab[:, 0], tab[:, 1]])
         else:
-            ref = self._ref_mse(x0, noise, t, cond, xt).float()
+            ref = self._reference(x0, noise, t, cond, xt, batch, step, split).to(mse.device)
         mw, ml = mse.chunk(2)
         rw, rl = ref.chunk(2)
         extras = {}
@@ -357,6 +391,8 @@ class DiffusionRecipe(RecipeBase):
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
         out = self.evaluate_pairs(self.eval_data, step)
+        if "eval" in self.records:
+            self.records["eval"].flush()
         if self.validator.enabled and self.acc.is_main_process:
             out.update(self.validator.run(step, self.acc.trackers))
         return out

@@ -408,6 +408,10 @@ class DiffusionModelSection(PolicySource):
     """LoRA only: store the frozen Linear / Conv2d weights of the UNet/transformer in this dtype and upcast each
     layer to model.frozen_dtype just for its forward and backward (layer-wise casting that works with gradient
     checkpointing, mmalign.diffusion.storage); null = store them in model.frozen_dtype"""
+    reference_record: bool = not_in("reference", default=True)
+    """with data.cache_dir: keep the reference scores the steps compute there, and read them where a later run
+    draws the same noise (same data and train.seed: a sweep over beta, lr, loss or LoRA rank) or an eval repeats
+    its draws -- the reference forward then leaves those steps (mmalign.diffusion.cache.ReferenceRecord)"""
 
     def validate(self):
         super().validate()
