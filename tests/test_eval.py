@@ -185,6 +185,14 @@ def test_eval_warns_when_a_tuned_folder_lost_its_diversity(tmp_path, capsys):
     assert "shown once, as that row" in capsys.readouterr().err
     rows = json.loads((tmp_path / "g" / "summary.json").read_text())["rows"]
     assert sorted(r["reward"] for r in rows if r["model"] == "tuned") == ["diversity", "diversity_dino", "saturation"]
+    # and so from Python: evaluate_folders itself treats them as those rows
+    from mmalign.eval.folders import evaluate_folders
+
+    res = evaluate_folders({"base": tmp_path / "base", "tuned": tmp_path / "tuned"}, ["saturation", "diversity",
+                           "diversity_dino"], tmp_path / "h", tiny=True, device="cpu")
+    assert sorted(r["reward"] for r in res["rows"] if r["model"] == "tuned") == ["diversity", "diversity_dino",
+                                                                                 "saturation"]
+    assert set(res["scores"]["tuned"]) == {"saturation"}
 
 
 def test_feature_diversity_hand_values():

@@ -64,10 +64,6 @@ def _named(specs: list[str], what: str) -> dict[str, str]:
     return out
 
 
-SET_ROWS = {"diversity": None, "diversity_dino": "dino"}
-"""rewards eval reports as its per-prompt diversity rows (with the --diversity measure each needs)"""
-
-
 def run(args) -> int:
     import torch
 
@@ -75,19 +71,16 @@ def run(args) -> int:
     from mmalign.data.prompts import load_prompts
     from mmalign.diffusion.sampling import LORA_FILE, load_pipeline
     from mmalign.eval.sampling import made_by, sample_to_folder
-    from mmalign.eval.folders import evaluate_folders
+    from mmalign.eval.folders import SET_ROWS, dino_measure, evaluate_folders
     from mmalign.eval.report import format_rows
     from mmalign.utils import print_table
 
     if not args.reward:
         raise DataError("pass at least one --reward (see mmalign score --list)")
     for r in [r for r in args.reward if r in SET_ROWS]:  # the same measure as eval's own per-prompt row: shown once
-        args.reward.remove(r)
-        if SET_ROWS[r]:
-            args.diversity.append(SET_ROWS[r])
         print(f"note: --reward {r} is eval's per-prompt {r} row (one value per prompt, averaged over its images): "
               "shown once, as that row", file=sys.stderr)
-    if not args.reward:
+    if not [r for r in args.reward if r not in SET_ROWS]:
         raise DataError("pass at least one --reward besides diversity (see mmalign score --list)")
     check_positive(args, "steps", "batch_size")
     check_resolution(args.resolution)
@@ -120,11 +113,7 @@ def run(args) -> int:
     models = parse_models(args.model)
     measures = {"diversity": None}  # None: the pixel-space measure
     if "dino" in args.diversity:
-        from mmalign.rewards import load_reward
-        from mmalign.rewards.signals import dino_diversity
-
-        dino = load_reward("dino", model=models.get("dino"), device=args.device, tiny=args.tiny)
-        measures["diversity_dino"] = dino_diversity(dino.backbone)
+        measures["diversity_dino"] = dino_measure(models, args.device, args.tiny)
     res = evaluate_folders(folders, args.reward, out, base=next(iter(folders)), models=models,
                            extra=parse_reward_args(args.reward_arg), tiny=args.tiny, device=args.device,
                            reference_images=args.reference_images, inception_weights=args.inception_weights,

@@ -42,6 +42,19 @@ def _open(folder, name: str):
         raise DataError(f"{Path(folder) / name}: unreadable image ({type(e).__name__}: {e})") from e
 
 
+SET_ROWS = ("diversity", "diversity_dino")
+"""rewards that are a per-prompt measure: ``evaluate_folders`` reports them once, as its per-prompt diversity rows
+(one value per prompt, averaged over its images), not also as a per-image reward row of the same name"""
+
+
+def dino_measure(models: dict | None, device, tiny: bool):
+    """The semantic per-prompt diversity (``dino_diversity``) on the DINO reward's backbone."""
+    from mmalign.rewards import load_reward
+    from mmalign.rewards.signals import dino_diversity
+
+    return dino_diversity(load_reward("dino", model=(models or {}).get("dino"), device=device, tiny=tiny).backbone)
+
+
 def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: str | Path, base: str | None = None,
                      models: dict | None = None, extra: dict | None = None, tiny: bool = False, device=None,
                      batch_size: int = 16, seed: int = 0, gallery_items: int = 64,
@@ -49,11 +62,16 @@ def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: st
                      diversity: dict | None = None) -> dict:
     """Score every folder's images (paired by prompt and seed) with every reward, plus each model's per-prompt
     diversity (``diversity_rows``, one row per ``diversity`` measure, {name: measure or None for pixels}: flagged
-    when it fell below the base's interval) and, given
+    when it fell below the base's interval; ``diversity`` / ``diversity_dino`` among ``rewards`` are these rows,
+    ``SET_ROWS``) and, given
     ``reference_images``, its FID / KID against them (``fidelity_rows``); write ``scores.csv`` (one row per item
     and model), ``summary.json`` / ``summary.csv`` and ``gallery.html`` under ``out``."""
     from mmalign.rewards.scoring import check_inputs, score_images  # reward models: loaded when scored
 
+    diversity = dict(diversity or {"diversity": None})  # None: the pixel-space measure
+    if "diversity_dino" in rewards and "diversity_dino" not in diversity:
+        diversity["diversity_dino"] = dino_measure(models, device, tiny)
+    rewards = [r for r in rewards if r not in SET_ROWS]
     out = Path(out)
     names = list(folders)
     base = base or names[0]
@@ -64,7 +82,7 @@ def evaluate_folders(folders: dict[str, str | Path], rewards: list[str], out: st
     scores = {n: score_images(rewards, images[n], prompts, None, models, extra, tiny, device, batch_size)
               for n in names}
     rows = summarize_scores(scores, base=base, seed=seed)
-    for name, measure in (diversity or {"diversity": None}).items():  # None: the pixel-space measure
+    for name, measure in diversity.items():
         rows += diversity_rows(images, keys, base, seed, measure, name)
     if reference_images is not None:
         rows += fidelity_rows(folders, reference_images, inception_weights, device)
