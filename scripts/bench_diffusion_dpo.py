@@ -57,6 +57,7 @@ alone): ``ops_ratio_vs_peer``.
     python scripts/bench_diffusion_dpo.py --size sdxl --latent 128 --batch 4  # GPU, 1024 px
     python scripts/bench_diffusion_dpo.py --profile mmalign                 # torch.profiler top ops of one step
     python scripts/bench_diffusion_dpo.py --ops --size sdxl_layout --latent 8   # dispatched ops per step vs the peer
+    python scripts/bench_diffusion_dpo.py --precision bf16   # both sides in bf16 mixed precision, as on a GPU
     python scripts/bench_diffusion_dpo.py --paths peer,mmalign --overrides model.channels_last=true   # a lever
 """
 from __future__ import annotations
@@ -237,6 +238,13 @@ def peer_loader(data: Path, px: int, batch: int, tok):
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=0)
 
 
+def bf16(args) -> bool:
+    """``--precision``: bf16 (the configs' mixed precision, the peer's --mixed_precision=bf16) or fp32; auto = bf16
+    on a GPU, fp32 on CPU (where bf16 is fast only on CPUs with bf16 instructions)."""
+    p = getattr(args, "precision", "auto")
+    return p == "bf16" or (p == "auto" and torch.cuda.is_available())
+
+
 def run_peer(args, full: bool, hook=None) -> dict:
     """``full=False``: the diffusers LoRA script; ``full=True``: Salesforce's full fine-tune + frozen copy."""
     import copy
@@ -244,7 +252,7 @@ def run_peer(args, full: bool, hook=None) -> dict:
     import torch.nn.functional as F
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    wdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    wdtype = torch.bfloat16 if bf16(args) else torch.float32
     comp = components(args.size, args.latent, args.model_dir)
     unet, vae, te, te2 = comp.unet, comp.vae, comp.text_encoder, comp.text_encoder_2
     for m in (unet, vae, te) + ((te2,) if te2 is not None else ()):
@@ -270,7 +278,7 @@ def run_peer(args, full: bool, hook=None) -> dict:
     px = image_px(args.size, args.latent)
     loader = peer_loader(Path(args.data), px, args.batch, comp.tokenizer)
     sched, beta = comp.noise_scheduler, 5000.0
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16(args))
     times, it = [], iter(loader)
     reset_train_peak()
     for step in range(args.steps + 1):
@@ -325,7 +333,6 @@ def run_peer(args, full: bool, hook=None) -> dict:
 def mmalign_config(args, precomputed: bool, first_pass: bool = False, sweep: str | None = None):
     from mmalign.train.sections import load_config
 
-    cuda = torch.cuda.is_available()
     work = Path(args.work)
     over = [f"model.name_or_path={args.model_dir}", f"model.kind={'sdxl' if args.size in XL else 'sd'}",
             f"data.train={args.data}", "data.eval=null",
@@ -336,7 +343,7 @@ def mmalign_config(args, precomputed: bool, first_pass: bool = False, sweep: str
             "train.eval_every=0", "train.save_every=0", "train.report_to=[jsonl]", "train.num_workers=0",
             "validation.prompts=[]"]
     over.append("train.optimizer=adamw")  # as the peer path (the config's 8-bit Adam needs bitsandbytes)
-    if not cuda:  # device-bound keys only: no bf16 matmuls on this CPU
+    if not bf16(args):  # the configs' bf16 mixed precision, or fp32 (--precision; the default on CPU)
         over.append("train.mixed_precision=no")
     if precomputed:
         over += ["model.reference=precomputed", "data.noise_draws=1"]
@@ -422,7 +429,8 @@ def count_ops(args) -> dict:
     res = {}
     for path in ("peer", "mmalign"):
         cmd = [sys.executable, __file__, "--profile", path, "--size", args.size, "--latent", str(args.latent),
-               "--batch", str(args.batch), "--rank", str(args.rank), "--overrides", *args.overrides]
+               "--batch", str(args.batch), "--rank", str(args.rank), "--precision", args.precision,
+               "--overrides", *args.overrides]
         r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
         line = [x for x in r.stdout.splitlines() if x.startswith("OPS ")]
         res[path] = json.loads(line[-1][4:]) if line else {"error": r.stderr[-1500:]}
@@ -482,7 +490,7 @@ def launch(path: str, args, work: Path) -> dict:
             return {"error": traceback.format_exc()[-1500:]}
     cmd = [sys.executable, __file__, "--path", path, "--size", args.size, "--latent", str(args.latent),
            "--steps", str(1 if path == "salesforce" else args.steps), "--batch", str(args.batch),
-           "--rank", str(args.rank), "--overrides", *args.overrides,
+           "--rank", str(args.rank), "--precision", args.precision, "--overrides", *args.overrides,
            "--data", str(work / "pairs.parquet"), "--work", str(work / path), "--model-dir", str(work / "model")]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
@@ -504,6 +512,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1, help="pairs per step")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (the peer README's --rank=8)")
     ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 mixed precision on a GPU, fp32 on CPU; bf16 on a CPU with bf16 instructions "
+                    "runs both sides as on a GPU (bf16 frozen weights, fp32 LoRA, autocast)")
     ap.add_argument("--overrides", nargs="*", default=[],
                     help="config overrides for the mmalign paths (e.g. model.channels_last=true)")
     ap.add_argument("--profile", choices=[p for p in PATHS if p != "mmalign_sweep"],
@@ -530,7 +541,7 @@ def main():
         return child(args)
     if args.ops:
         out = {"size": args.size, "latent": args.latent, "batch": args.batch, "overrides": args.overrides,
-               **ops_summary(args)}
+               "precision": "bf16" if bf16(args) else "fp32", **ops_summary(args)}
         print("JSON " + json.dumps(out))
         return None
     from mmalign.diffusion.data import write_pickapic_parquet
@@ -609,7 +620,8 @@ def main():
     if "sec_per_step" in summary.get("mmalign_first_pass", {}):  # measured: the steps on uncached data themselves
         summary["mmalign_first_pass"]["first_pass_sec_per_step"] = summary["mmalign_first_pass"]["sec_per_step"]
     print(f"\nDiffusion-DPO LoRA step: {args.size}-sized UNet (real config, random weights), {px}x{px} images "
-          f"({args.latent}x{args.latent} latents), {args.batch} pair(s)/step, rank {args.rank}, {device}; "
+          f"({args.latent}x{args.latent} latents), {args.batch} pair(s)/step, rank {args.rank}, {device}, "
+          f"{'bf16 mixed precision' if bf16(args) else 'fp32'}; "
           f"median of {args.steps} timed steps x {args.repeats} interleaved runs (salesforce: 1 run, 1 step; "
           f"precomputed: 1 run, {args.steps} steps); 'first pass' = one pass over uncached data (mmalign_first_pass "
           f"measured; mmalign: its step plus building the whole cache first)")
@@ -630,7 +642,7 @@ def main():
     print_table(["path", "s/step", "speed vs peer", "speed vs salesforce", "first pass vs peer", "peak MB",
                  "memory vs peer", "training peak MB", "training memory vs peer"], table)
     out = {"size": args.size, "latent": args.latent, "batch": args.batch, "rank": args.rank, "device": device,
-           "overrides": args.overrides,
+           "precision": "bf16" if bf16(args) else "fp32", "overrides": args.overrides,
            "total_s": round(time.perf_counter() - t_all, 1), "paths": summary}
     suffixes = {"mmalign": "", "mmalign_sweep": "_sweep", "mmalign_precomputed": "_precomputed"}
     for name, suffix in suffixes.items():

@@ -27,7 +27,7 @@ from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.online import DiffusionRounds
 from mmalign.diffusion.rl import RL_KINDS
-from mmalign.diffusion.storage import STORAGE_DTYPES, store_frozen
+from mmalign.diffusion.storage import STORAGE_DTYPES, skip_lora_input_casts, store_frozen
 from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.eval.sampling import sample_images
@@ -159,6 +159,7 @@ class DiffusionRecipe(RecipeBase):
                                     init_lora_weights="gaussian" if lo.init == "gaussian" else True,
                                     target_modules=lo.target_modules or list(self.family.lora_targets)))
         cast_training_params(unet, torch.float32)  # trainable LoRA weights stay fp32 (diffusers' helper)
+        skip_lora_input_casts(unet)  # under autocast only: bit-identical, fewer copies per layer
         if self.cfg.model.storage_dtype is not None:
             store_frozen(unet, STORAGE_DTYPES[self.cfg.model.storage_dtype], self.dtype)
 
