@@ -436,42 +436,58 @@ class ReferenceRecord:
 
     def __init__(self, prefix: Path, rank: int = 0):
         self.path = prefix.with_name(f"{prefix.stem}-steps-{rank}.safetensors")
-        self.known: dict[tuple[int, int], Tensor] = {}  # every process's, read at start, and this one's new ones
-        self.own: dict[tuple[int, int], Tensor] = {}  # this process's file: what it read from it and added
-        self.new = self.reads = 0  # scores added since the last flush; batches answered
+        # per step, chunks of (rows [n], scores [n, 2]): every process's, read at start, and this one's new ones --
+        # a few tensors per step, not a Python object per pair (a long run records millions of pairs)
+        self.by_step: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self.own: list[tuple[Tensor, Tensor]] = []  # this process's file: (keys [n, 2], scores [n, 2]) chunks
+        self.known = self.new = self.reads = 0  # pairs known; added since the last flush; batches answered
         for f in sorted(prefix.parent.glob(f"{prefix.stem}-steps-*.safetensors")):
             try:
                 t = load_file(str(f))
+                keys, mse = t["keys"], t["mse"]
             except Exception as e:  # a torn file from a killed run: recomputed, never trusted
                 print(f"note: reference record {f} unreadable ({type(e).__name__}); its scores are recomputed")
                 continue
-            entries = dict(zip(map(tuple, t["keys"].tolist()), t["mse"]))
-            self.known.update(entries)
+            self._index(keys, mse)
             if f == self.path:
-                self.own.update(entries)
+                self.own.append((keys, mse))
+
+    def _index(self, keys: Tensor, mse: Tensor):
+        order = keys[:, 0].argsort(stable=True)
+        keys, mse = keys[order], mse[order]
+        steps, counts = keys[:, 0].unique_consecutive(return_counts=True)
+        for step, rows, scores in zip(steps.tolist(), keys[:, 1].split(counts.tolist()), mse.split(counts.tolist())):
+            self.by_step.setdefault(step, []).append((rows, scores))
+        self.known += len(keys)
 
     def lookup(self, step: int, rows: Tensor) -> Tensor | None:
         """``[2B]`` (winners' scores, then losers'), as the reference forward returns them, or None."""
-        got = [self.known.get((step, r)) for r in rows.tolist()]
-        if not got or any(g is None for g in got):
+        chunks = self.by_step.get(step)
+        if not chunks or len(rows) == 0:
             return None
-        wl = torch.stack(got)
+        have = torch.cat([c[0] for c in chunks])
+        match = rows.cpu().long()[:, None] == have[None, :]
+        if not bool(match.any(1).all()):
+            return None
+        wl = torch.cat([c[1] for c in chunks])[match.int().argmax(1)]
         self.reads += 1
         return torch.cat([wl[:, 0], wl[:, 1]])
 
     def add(self, step: int, rows: Tensor, ref: Tensor):
         w, l_ = ref.detach().float().cpu().chunk(2)
-        for r, s in zip(rows.tolist(), torch.stack([w, l_], -1)):
-            self.known[(step, int(r))] = self.own[(step, int(r))] = s
-        self.new += len(w)
+        rows = rows.cpu().long()
+        keys = torch.stack([torch.full_like(rows, step), rows], -1)
+        self._index(keys, torch.stack([w, l_], -1))
+        self.own.append((keys, torch.stack([w, l_], -1)))
+        self.new += len(rows)
 
     def flush(self):
         """Write this process's scores (atomically: a temp file, then rename), when any are new."""
         if not self.new:
             return
-        keys = torch.tensor(list(self.own), dtype=torch.int64).view(-1, 2)
+        self.own = [(torch.cat([k for k, _ in self.own]), torch.cat([m for _, m in self.own]))]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        save_file({"keys": keys, "mse": torch.stack(list(self.own.values())).contiguous()}, str(tmp))
+        save_file({"keys": self.own[0][0].contiguous(), "mse": self.own[0][1].contiguous()}, str(tmp))
         os.replace(tmp, self.path)
         self.new = 0

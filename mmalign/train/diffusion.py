@@ -256,7 +256,7 @@ class DiffusionRecipe(RecipeBase):
         recs = {split: ReferenceRecord(reference_table_path(cfg, split, cfg.data.noise_draws if split == "train"
                                                             else 1), self.acc.process_index)
                 for split in ("train", "eval")}
-        n = sum(len(r.known) for r in recs.values())
+        n = sum(r.known for r in recs.values())
         if n:
             self.acc.print(f"reference scores of earlier steps with the same draws: {n} pairs "
                            f"({cfg.data.cache_dir}/reference): their reference forward is skipped")
