@@ -144,21 +144,29 @@ def test_latent_cache_is_keyed_by_the_model_vae_and_preprocessing(tmp_path):
     assert NOT_CACHED <= fields, NOT_CACHED - fields  # a renamed field cannot leave a stale name behind
 
 
-def test_the_reference_table_key_is_built_from_the_fields_own_marks():
-    """The precomputed reference table's key leaves out exactly the settings declared ``not_in("reference")`` with
-    their fields (LoRA, the reference kind, checkpointing, compile, EMA, offload; how the cache fills): changing one
-    of them reuses the table, changing a field that moves the reference's scores (the VAE, the dtype the frozen
-    weights are stored in, the resolution) does not. The digest of the tiny config is pinned: the marks replaced a
-    hand list of names and left every key as it was."""
+def test_the_reference_table_key_is_built_from_the_fields_own_marks(tmp_path):
+    """The precomputed reference table's key (and the reference record's) leaves out exactly the settings declared
+    ``not_in("reference")`` with their fields (LoRA, the reference kind, checkpointing, compile, EMA, offload; how
+    the cache fills): changing one of them reuses the table, changing what moves the reference's scores (the VAE,
+    the dtype the frozen weights are stored in, the resolution, the data file rewritten in place) does not."""
+    import os
+    import shutil
+
     from mmalign.diffusion.cache import reference_table_path
     from mmalign.train.sections import load_config
 
+    data = tmp_path / "pairs.parquet"
+    shutil.copy("assets/data/shapes_pairs/train.parquet", data)
+
     def path(*ov):  # a path is only named, nothing is written (the cache folder is part of the key)
         return reference_table_path(load_config("configs/tiny/diffusion_dpo.yaml", [
-            "data.cache_dir=/tmp/kc", "data.noise_draws=2", *ov]), "train", 2).name
+            "data.cache_dir=/tmp/kc", "data.noise_draws=2", f"data.train={data}", *ov]), "train", 2).name
 
     base = path()
-    assert base == "train-" + "4a36a990298f1efe" + ".safetensors"  # as keyed before the marks (2026-12-05)
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the same name, rewritten: other pairs, maybe
+    assert path() != base
+    base = path()
     for same in ("model.lora={r: 4, alpha: 4}", "model.reference=copy", "model.gradient_checkpointing=true",
                  "model.compile=true", "model.ema=true", "model.ema_decay=0.5", "model.reference_offload=true",
                  "data.cache_build=while_training", "loss.beta=10", "train.lr=0.5"):

@@ -69,15 +69,21 @@ def _source_fingerprint(source: str | None) -> dict:
     return {"source": str(p.resolve()), "files": fingerprint(p, None if p.is_file() else tables)}
 
 
-def cache_key(cfg, split: str, encoder_dtype: torch.dtype) -> dict:
-    """Everything the cached latents and embeddings of ``split`` ("train" / "eval") depend on."""
-    m, d = cfg.model, cfg.data
-    root = Path(resolve(m.name_or_path)) if m.name_or_path else None
+def _encoder_files(root: Path | None) -> dict:
+    """Fingerprints of a pipeline folder's VAE, text encoders and tokenizers: what the cached inputs come from."""
     files = {}
     if root is not None and root.is_dir():
         for sub in sorted(x.name for x in root.iterdir() if x.is_dir()):
             if sub == "vae" or sub.startswith(("text_encoder", "tokenizer")):
                 files[sub] = fingerprint(root / sub, WEIGHT_SUFFIXES + TEXT_SUFFIXES)
+    return files
+
+
+def cache_key(cfg, split: str, encoder_dtype: torch.dtype) -> dict:
+    """Everything the cached latents and embeddings of ``split`` ("train" / "eval") depend on."""
+    m, d = cfg.model, cfg.data
+    root = Path(resolve(m.name_or_path)) if m.name_or_path else None
+    files = _encoder_files(root)
     source, dsplit, limit = (d.train, d.split, d.max_examples) if split == "train" else \
         (d.eval, d.eval_split, d.max_eval_examples)
     data = {k: v for k, v in to_dict(d).items() if k not in NOT_CACHED}
@@ -374,17 +380,20 @@ class CachedPairs(torch.utils.data.Dataset):
 def reference_table_path(cfg, split: str, draws: int) -> Path | None:
     """Where ``model.reference=precomputed`` keeps its table of reference scores for ``split``:
     ``<data.cache_dir>/reference/<split>-<key>.safetensors``, the key a hash of everything the scores depend
-    on (model and its weight files, data and noise settings, seed, precision) and of nothing else -- so a
-    sweep over beta, learning rate, loss or LoRA rank on the same data reuses one table."""
+    on (model and its weight files, the data files and what encodes them, data and noise settings, seed,
+    precision) and of nothing else -- so a sweep over beta, learning rate, loss or LoRA rank on the same data
+    reuses one table, and a data file or VAE rewritten in place does not."""
     if not cfg.data.cache_dir:
         return None
     model = keyed_fields(cfg.model, "reference")  # less the fields declared not_in("reference") (LoRA, EMA, ...)
-    weights = []
-    if cfg.model.name_or_path:
-        root = Path(resolve(cfg.model.name_or_path))
+    weights, root = [], Path(resolve(cfg.model.name_or_path)) if cfg.model.name_or_path else None
+    if root is not None:
         weights = [fingerprint(root / sub, WEIGHT_SUFFIXES) for sub in ("unet", "transformer")]
     data = keyed_fields(cfg.data, "reference")  # less how the cache fills (cache_build): not a score
-    key = {"model": model, "weights": weights, "data": data, "flow": to_dict(cfg.flow),
+    inputs = {"source": _source_fingerprint(cfg.data.train if split == "train" else cfg.data.eval),
+              "encoders": _encoder_files(root),
+              "vae": fingerprint(cfg.model.vae, WEIGHT_SUFFIXES) if cfg.model.vae else None}
+    key = {"model": model, "weights": weights, "data": data, "inputs": inputs, "flow": to_dict(cfg.flow),
            "seed": cfg.train.seed, "precision": cfg.train.mixed_precision, "draws": draws, "split": split,
            "ppd": to_dict(cfg.ppd) if cfg.ppd is not None else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
