@@ -49,8 +49,8 @@ SET_ROWS = ("diversity", "diversity_dino")
 
 def dino_measure(models: dict | None, device, tiny: bool):
     """The semantic per-prompt diversity (``dino_diversity``) on the DINO reward's backbone."""
-    from mmalign.rewards import load_reward
-    from mmalign.rewards.signals import dino_diversity
+    from mmalign.rewards import load_reward  # reward models (torch): loaded only when a DINO row is asked for
+    from mmalign.rewards.signals import dino_diversity  # with it: signals imports torch
 
     return dino_diversity(load_reward("dino", model=(models or {}).get("dino"), device=device, tiny=tiny).backbone)
 
