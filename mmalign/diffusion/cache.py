@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from mmalign.config import keyed_fields, to_dict
 from mmalign.paths import WEIGHT_SUFFIXES, fingerprint, resolve
@@ -485,9 +485,9 @@ class ReferenceRecord:
     def add(self, step: int, rows: Tensor, ref: Tensor):
         w, l_ = ref.detach().float().cpu().chunk(2)
         rows = rows.cpu().long()
-        keys = torch.stack([torch.full_like(rows, step), rows], -1)
-        self._index(keys, torch.stack([w, l_], -1))
-        self.own.append((keys, torch.stack([w, l_], -1)))
+        keys, mse = torch.stack([torch.full_like(rows, step), rows], -1), torch.stack([w, l_], -1)
+        self._index(keys, mse)
+        self.own.append((keys, mse))
         self.new += len(rows)
 
     def flush(self):
@@ -496,7 +496,5 @@ class ReferenceRecord:
             return
         self.own = [(torch.cat([k for k, _ in self.own]), torch.cat([m for _, m in self.own]))]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        save_file({"keys": self.own[0][0].contiguous(), "mse": self.own[0][1].contiguous()}, str(tmp))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, save({"keys": self.own[0][0].contiguous(), "mse": self.own[0][1].contiguous()}))
         self.new = 0

@@ -32,13 +32,16 @@ class PairInputs:
         self.empty: dict | None = None  # cached empty-prompt conditioning (caption dropout with a text cache)
         self.fills: dict = {}  # split -> CacheFill: a cache filled by the steps (data.cache_build=while_training)
 
-    def generator(self, step: int, row: int, split: str) -> torch.Generator:
-        draws = self.d.noise_draws
+    def draw_index(self, step: int, split: str) -> int:
+        """Which of a pair's draws ``step`` uses (with the row, its generator's key): eval's one fixed draw, draw
+        ``step % K`` of K fixed ones (``noise_draws``), or the step's own."""
         if split == "eval":
-            return example_generator(self.seed, 0, row, salt=2)
-        if draws:
-            return example_generator(self.seed, step % draws, row, salt=1)
-        return example_generator(self.seed, step, row)
+            return 0
+        return step % self.d.noise_draws if self.d.noise_draws else step
+
+    def generator(self, step: int, row: int, split: str) -> torch.Generator:
+        salt = 2 if split == "eval" else 1 if self.d.noise_draws else 0
+        return example_generator(self.seed, self.draw_index(step, split), row, salt=salt)
 
     def generators(self, batch: ImagePairBatch, step: int, split: str) -> list[torch.Generator]:
         return [self.generator(step, int(r), split) for r in batch.index]

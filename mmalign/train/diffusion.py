@@ -264,10 +264,9 @@ class DiffusionRecipe(RecipeBase):
 
     def _reference(self, x0, noise, t, cond, xt, batch: ImagePairBatch, step: int, split: str) -> Tensor:
         """The reference's per-sample MSE ``[2B]``: from the record when it has this batch's draws, else computed
-        (and recorded). Draw keys as ``PairInputs.generator``: eval draws do not depend on the step."""
+        (and recorded), keyed by the draw the step uses (eval's does not depend on the step)."""
         rec = self.records.get(split)
-        draws = self.cfg.data.noise_draws
-        key = 0 if split == "eval" else (step % draws if draws else step)
+        key = self.inputs.draw_index(step, split)
         ref = rec.lookup(key, batch.index) if rec is not None else None
         if ref is None:
             ref = self._ref_mse(x0, noise, t, cond, xt).float()
@@ -356,8 +355,7 @@ class DiffusionRecipe(RecipeBase):
         xt = self._invert(x0, t, cond, gens) if self.cfg.inversion is not None else None
         mse = self.family.pair_mse(self.model, x0, noise, t, cond, xt)
         if self.ref_kind == "precomputed":
-            k = 0 if split == "eval" else step % self.cfg.data.noise_draws
-            tab = self.reference.lookup(split, batch.index, k)["mse"].to(mse.device)
+            tab = self.reference.lookup(split, batch.index, self.inputs.draw_index(step, split))["mse"].to(mse.device)
             ref = torch.cat([tab[:, 0], tab[:, 1]])
         else:
             ref = self._reference(x0, noise, t, cond, xt, batch, step, split).to(mse.device)
