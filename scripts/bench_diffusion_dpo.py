@@ -383,17 +383,18 @@ def run_mmalign(args, precomputed: bool, hook=None, first_pass: bool = False, sw
             "trainable": sum(p.numel() for p in recipe.trainable_parameters())}
 
 
-def run_path(args) -> dict:
+def run_path(args, hook=None) -> dict:
+    """Run ``args.path`` (``hook`` after every step: the profiler's)."""
     torch.manual_seed(0)
     if args.path == "peer_kept_heap":
         from mmalign.utils import keep_cpu_heap
 
         keep_cpu_heap()
     if args.path in ("peer", "peer_kept_heap", "salesforce"):
-        return run_peer(args, full=args.path == "salesforce")
+        return run_peer(args, full=args.path == "salesforce", hook=hook)
     sweep = {"mmalign_sweep": "run", "mmalign_sweep_record": "record"}.get(args.path)
-    return run_mmalign(args, precomputed=args.path == "mmalign_precomputed", first_pass=args.path == "mmalign_first_pass",
-                       sweep=sweep)
+    return run_mmalign(args, precomputed=args.path == "mmalign_precomputed", hook=hook,
+                       first_pass=args.path == "mmalign_first_pass", sweep=sweep)
 
 
 def child(args) -> None:
@@ -407,16 +408,9 @@ def profile(args) -> None:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     args.steps = 1  # two steps: the first (and everything before it) is skipped, the second is recorded
-    if args.profile == "peer_kept_heap":
-        from mmalign.utils import keep_cpu_heap
-
-        keep_cpu_heap()
+    args.path = args.profile
     with prof(activities=acts, schedule=schedule(wait=1, warmup=0, active=1)) as p:
-        {"peer": lambda: run_peer(args, False, p.step), "peer_kept_heap": lambda: run_peer(args, False, p.step),
-         "salesforce": lambda: run_peer(args, True, p.step),
-         "mmalign": lambda: run_mmalign(args, False, p.step),
-         "mmalign_precomputed": lambda: run_mmalign(args, True, p.step),
-         "mmalign_first_pass": lambda: run_mmalign(args, False, p.step, first_pass=True)}[args.profile]()
+        run_path(args, p.step)
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(p.key_averages().table(sort_by=key, row_limit=15))
     ops = sorted(((e.key, e.count) for e in p.key_averages() if e.key.startswith("aten::")), key=lambda x: -x[1])
@@ -642,8 +636,7 @@ def main():
     print_table(["path", "s/step", "speed vs peer", "speed vs salesforce", "first pass vs peer", "peak MB",
                  "memory vs peer", "training peak MB", "training memory vs peer"], table)
     out = {"size": args.size, "latent": args.latent, "batch": args.batch, "rank": args.rank, "device": device,
-           "precision": "bf16" if bf16(args) else "fp32", "overrides": args.overrides,
-           "total_s": round(time.perf_counter() - t_all, 1), "paths": summary}
+           "precision": "bf16" if bf16(args) else "fp32", "overrides": args.overrides, "paths": summary}
     suffixes = {"mmalign": "", "mmalign_sweep": "_sweep", "mmalign_precomputed": "_precomputed"}
     for name, suffix in suffixes.items():
         s = summary.get(name, {})
