@@ -27,7 +27,8 @@ def test_diffusion_bench_prints_every_ratio_from_one_run():
     for key in ("speed_ratio_vs_peer", "memory_ratio_vs_peer", "speed_ratio_vs_salesforce", "first_pass_ratio_vs_peer",
                 "first_pass_ratio_vs_peer_built_up_front", "memory_ratio_vs_peer_first_pass",
                 "speed_ratio_vs_peer_precomputed", "memory_ratio_vs_peer_precomputed", "speed_ratio_vs_peer_kept_heap",
-                "first_pass_ratio_vs_peer_kept_heap", "ops_ratio_vs_peer", "speed_ratio_vs_peer_sweep",
+                "first_pass_ratio_vs_peer_kept_heap", "ops_ratio_vs_peer", "ops_ratio_vs_peer_without_optimizer",
+                "speed_ratio_vs_peer_sweep",
                 "speed_ratio_vs_peer_kept_heap_sweep"):
         assert out[key] > 0, key
     paths = out["paths"]

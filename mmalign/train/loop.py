@@ -101,8 +101,9 @@ def grads_finite(model) -> bool:
 def params_finite(model) -> bool:
     """True when every trainable parameter is finite (after an optimizer step: an infinite lr, an overflowing
     optimizer state); one fused reduction over the local tensors (shards under FSDP)."""
-    ps = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
-    return not ps or bool(torch.isfinite(torch.nn.utils.get_total_norm([p.detach() for p in ps], norm_type=2.0)))
+    with torch.no_grad():  # no detach() per tensor
+        ps = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+        return not ps or bool(torch.isfinite(torch.nn.utils.get_total_norm(ps, norm_type=2.0)))
 
 
 def _json_safe(v):
@@ -206,7 +207,8 @@ def build_optimizer(params, cfg: TrainSection, lr: float):
     if not params:
         raise ValueError("no trainable parameters")
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+                                 fused=_fused_adamw(params))
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adafactor":
@@ -221,6 +223,16 @@ def build_optimizer(params, cfg: TrainSection, lr: float):
             raise ImportError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'mmalign[gpu]'") from e
         return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def _fused_adamw(params) -> bool | None:
+    """AdamW's fused kernel for plain CPU tensors (as ``transformers``' default ``adamw_torch_fused``): torch's own
+    CPU default is a loop over the tensors (its foreach kernels fall back to the same loop there), ~31 dispatched
+    ops per tensor -- 35k of an SDXL LoRA step's 180k, 24 ms; fused: 7.8k, 6 ms. The weights agree with the loop's
+    to float32 rounding (the update's terms are summed in another order; tests/test_loop.py). Elsewhere (CUDA: its
+    foreach kernels; sharded DTensors) torch's choice stays."""
+    plain = all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in params)
+    return True if plain and all(p.device.type == "cpu" and p.is_floating_point() for p in params) else None
 
 
 def build_scheduler(optimizer, cfg: TrainSection):
