@@ -222,3 +222,27 @@ def test_cpu_adamw_is_fused_and_agrees_with_the_loop(tmp_path, monkeypatch):
     moved = (runs["loop"] - weights(ToyRecipe())).abs().max()
     assert moved > 0.1  # five steps of ~lr each
     torch.testing.assert_close(runs["fused"], runs["loop"], rtol=1e-6, atol=1e-6)
+
+
+def test_params_finite_finds_nan_and_inf_and_leaves_the_values_alone():
+    """params_finite checks with GradScaler's kernel at scale 1: it must see a NaN or an inf in any trainable
+    tensor of any dtype, ignore frozen ones, and leave every value as it was (denormals included)."""
+    from mmalign.train.loop import params_finite
+
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 3), "b": torch.nn.Linear(3, 2).to(torch.bfloat16),
+                                 "frozen": torch.nn.Linear(2, 2)})
+    model["frozen"].requires_grad_(False)
+    with torch.no_grad():
+        model["a"].weight[0, 0] = 1e-40  # a float32 denormal
+        model["frozen"].weight[0, 0] = float("nan")  # not trained: not checked
+    before = [p.detach().clone() for p in model.parameters()]
+    assert params_finite(model)
+    assert all(torch.equal(a, b) for a, b in zip(before[:4], list(model.parameters())[:4]))
+    assert model["a"].weight[0, 0].item() == pytest.approx(1e-40, rel=1e-3)
+    for name, bad in [("a", float("nan")), ("b", float("inf")), ("b", float("-inf"))]:
+        with torch.no_grad():
+            model[name].bias[-1] = bad
+        assert not params_finite(model), (name, bad)
+        with torch.no_grad():
+            model[name].bias[-1] = 0.0
+    assert params_finite(model)

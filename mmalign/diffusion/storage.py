@@ -123,31 +123,6 @@ def store_frozen(module: nn.Module, storage: torch.dtype, compute: torch.dtype =
     return n
 
 
-def _cast_unless_autocast(self, x, dtype):
-    """peft's ``_cast_input_dtype``, except under autocast: there the LoRA matmuls cast their inputs themselves,
-    so casting x (bf16) to the fp32 LoRA weights' dtype first only adds a copy that autocast undoes."""
-    if x is None or x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
-        return x
-    return x.to(dtype=dtype)
-
-
-def skip_lora_input_casts(module: nn.Module) -> int:
-    """peft LoRA layers of ``module`` (dropout 0) stop casting their input to the LoRA weights' dtype when autocast
-    is on: with a bf16 base and fp32 LoRA weights under bf16 autocast, peft turns x into fp32 and autocast turns
-    it back into bf16 for ``lora_A`` -- an exact round trip, two copies per layer per forward and their backward
-    casts (the dtype-cast copies of the host-bound GPU step, docs/performance.md). The values are the same to the
-    bit (``tests/test_storage.py``); outside autocast (fp32 runs, sampling) peft's cast stays. Returns how many
-    layers changed."""
-    n = 0
-    for mod in module.modules():
-        drop = getattr(mod, "lora_dropout", None)
-        if hasattr(mod, "lora_A") and hasattr(mod, "_cast_input_dtype") and drop is not None and all(
-                isinstance(d, nn.Identity) for d in drop.values()):
-            mod._cast_input_dtype = types.MethodType(_cast_unless_autocast, mod)
-            n += 1
-    return n
-
-
 def _own_memory(module: nn.Module, storage: torch.dtype):
     """Copy the tensors left as they were (norms, embeddings: a few MB) into memory of their own. Weights loaded
     from a safetensors file live in one memory mapping of the whole file: one of them left alive keeps every

@@ -27,10 +27,11 @@ from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.online import DiffusionRounds
 from mmalign.diffusion.rl import RL_KINDS
-from mmalign.diffusion.storage import STORAGE_DTYPES, skip_lora_input_casts, store_frozen
+from mmalign.diffusion.storage import STORAGE_DTYPES, store_frozen
 from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.eval.sampling import sample_images
+from mmalign.models.lora import fuse_lora_layers
 from mmalign.diffusion.validation import Validator, reward_scorer
 from mmalign.losses import RunningMoments
 from mmalign.train.reference import Reference, resolve_kind
@@ -159,7 +160,7 @@ class DiffusionRecipe(RecipeBase):
                                     init_lora_weights="gaussian" if lo.init == "gaussian" else True,
                                     target_modules=lo.target_modules or list(self.family.lora_targets)))
         cast_training_params(unet, torch.float32)  # trainable LoRA weights stay fp32 (diffusers' helper)
-        skip_lora_input_casts(unet)  # under autocast only: bit-identical, fewer copies per layer
+        fuse_lora_layers(unet)  # the same bits as peft's forward, fewer dispatched ops per layer
         if self.cfg.model.storage_dtype is not None:
             store_frozen(unet, STORAGE_DTYPES[self.cfg.model.storage_dtype], self.dtype)
 
