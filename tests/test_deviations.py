@@ -152,3 +152,29 @@ def test_flow_sigma_is_drawn_per_pair_from_the_shifted_scheduler_table():
     assert sched.config.shift == 3.0 and float(fam.sigmas[500]) > 0.5 + 0.2  # shifted: sigma(t=500) = 0.75
     _, again = fam.draw((4, 8, 8), [example_generator(0, 0, row) for row in range(64)][5:6], "cpu")
     assert float(again[0]) == float(sigma[5])  # a pair's draw does not depend on the rest of the batch
+
+
+def test_cpu_adamw_is_fused_and_elsewhere_torch_decides():
+    """Differs from the peers on CPU only: AdamW's fused kernel there (their torch default is a loop over the
+    tensors); other devices keep torch's choice. Agreement with the loop: tests/test_loop.py."""
+    from mmalign.train.loop import _fused_adamw, build_optimizer
+    from mmalign.train.sections import TrainSection
+
+    cpu = [torch.nn.Parameter(torch.zeros(3))]
+    opt = build_optimizer(cpu, TrainSection(output_dir="unused", optimizer="adamw"), 1e-3)
+    assert opt.param_groups[0]["fused"] is True
+    assert _fused_adamw([torch.nn.Parameter(torch.zeros(3, device="meta"))]) is None
+
+
+def test_shipped_lora_layers_are_fused():
+    """Differs in code, not in numbers: the shipped LoRA recipes' peft layers run the fused low-rank term
+    (the same bits as peft's forward: tests/test_lora.py)."""
+    from accelerate import Accelerator
+
+    from mmalign.train.diffusion import DiffusionRecipe
+
+    cfg = load_config(ROOT / "configs/tiny/diffusion_dpo.yaml", ["data.eval=null", "validation.prompts=[]",
+                                                                 "train.output_dir=unused"])
+    unet = DiffusionRecipe(cfg, Accelerator(cpu=True)).unet
+    lora = [m for m in unet.modules() if hasattr(m, "lora_A")]
+    assert lora and all(hasattr(m, "_peft_forward") for m in lora)
