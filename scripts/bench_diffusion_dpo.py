@@ -14,10 +14,15 @@ mmalign_precomputed once):
   peer_kept_heap   (CPU only) the same peer step with glibc's malloc told to keep freed memory for reuse
                (``mmalign.utils.keep_cpu_heap``, which ``mmalign train`` does on CPU): separates what that one
                setting gives from the rest of mmalign's step -- ``speed_ratio_vs_peer_kept_heap``.
+  peer_no_ckpt   (not in the default paths: --paths ...,peer_no_ckpt) the peer with its heap kept and without
+               ``--gradient_checkpointing``: what a diffusers user who knows the step fits would run, the like-for-like
+               comparison for mmalign's ``gradient_checkpointing: auto`` where auto turns it off --
+               ``speed_ratio_vs_peer_no_ckpt``, ``first_pass_ratio_vs_peer_no_ckpt``.
   salesforce   the original Salesforce train.py way: full UNet fine-tune, a frozen fp32 copy as the reference,
                VAE + text encoding every step, same data decoding.
   mmalign_first_pass   ``configs/sd15/diffusion_dpo_lora.yaml`` (``configs/sdxl/...`` for --size sdxl) as
-               shipped (rank 8, gradient checkpointing, reference = adapters disabled), through the real recipe
+               shipped (rank 8, gradient checkpointing auto -- off where the step fits, decided at the first step
+               and recorded as ``checkpointing`` -- reference = adapters disabled), through the real recipe
                and training loop, loading the same pipeline folder itself, on data nobody has cached (a fresh
                ``data.cache_dir`` every run): the run reads each pair once, so ``data.cache_build=auto`` fills
                the cache while training -- each step encodes the orientation it draws, as the peer does, and
@@ -87,6 +92,7 @@ PATHS = ("peer", "peer_kept_heap", "salesforce", "mmalign_first_pass", "mmalign"
 # fine-tune only places the old way, with 1 timed step (~25 s on CPU); the precomputed variant shares the mmalign
 # path's latent + text cache, as a sweep over the same data does
 RUN_ONCE = ("salesforce", "mmalign_precomputed")
+PEERS = ("peer", "peer_kept_heap", "peer_no_ckpt", "salesforce")
 
 SIZES = {
     # UNet2DConditionModel configs of the real models (random weights), plus a tiny one
@@ -247,8 +253,9 @@ def bf16(args) -> bool:
     return p == "bf16" or (p == "auto" and torch.cuda.is_available())
 
 
-def run_peer(args, full: bool, hook=None) -> dict:
-    """``full=False``: the diffusers LoRA script; ``full=True``: Salesforce's full fine-tune + frozen copy."""
+def run_peer(args, full: bool, hook=None, checkpointing: bool = True) -> dict:
+    """``full=False``: the diffusers LoRA script; ``full=True``: Salesforce's full fine-tune + frozen copy;
+    ``checkpointing``: the README's ``--gradient_checkpointing``."""
     import copy
 
     import torch.nn.functional as F
@@ -274,7 +281,8 @@ def run_peer(args, full: bool, hook=None) -> dict:
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()
-    unet.enable_gradient_checkpointing()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     opt = torch.optim.AdamW(params, lr=1e-5)
     px = image_px(args.size, args.latent)
@@ -382,18 +390,28 @@ def run_mmalign(args, precomputed: bool, hook=None, first_pass: bool = False, sw
             "train_peak_mb": train_peak_mb(),
             "setup_s": setup, "cache_reused": cached,
             "reference_reads": sum(r.reads for r in recipe.records.values()),  # batches whose reference was read
+            "checkpointing": getattr(recipe.unet, "_mmalign_checkpointing", recipe.unet.is_gradient_checkpointing),
             "trainable": sum(p.numel() for p in recipe.trainable_parameters())}
+
+
+OTHER_PEERS = ("peer_kept_heap", "peer_no_ckpt")  # peers with a setting of mmalign's: ratios against each
+
+
+def other_peer_keys(other: str) -> list[tuple[str, str]]:
+    """(JSON key, mmalign path) of the ratios against the peer path ``other``."""
+    return [(f"speed_ratio_vs_{other}", "mmalign"), (f"first_pass_ratio_vs_{other}", "mmalign_first_pass"),
+            (f"speed_ratio_vs_{other}_sweep", "mmalign_sweep")]
 
 
 def run_path(args, hook=None) -> dict:
     """Run ``args.path`` (``hook`` after every step: the profiler's)."""
     torch.manual_seed(0)
-    if args.path == "peer_kept_heap":
+    if args.path in ("peer_kept_heap", "peer_no_ckpt"):
         from mmalign.utils import keep_cpu_heap
 
         keep_cpu_heap()
-    if args.path in ("peer", "peer_kept_heap", "salesforce"):
-        return run_peer(args, full=args.path == "salesforce", hook=hook)
+    if args.path in PEERS:
+        return run_peer(args, full=args.path == "salesforce", hook=hook, checkpointing=args.path != "peer_no_ckpt")
     sweep = {"mmalign_sweep": "run", "mmalign_sweep_record": "record"}.get(args.path)
     return run_mmalign(args, precomputed=args.path == "mmalign_precomputed", hook=hook,
                        first_pass=args.path == "mmalign_first_pass", sweep=sweep)
@@ -529,7 +547,7 @@ def main():
                     "runs both sides as on a GPU (bf16 frozen weights, fp32 LoRA, autocast)")
     ap.add_argument("--overrides", nargs="*", default=[],
                     help="config overrides for the mmalign paths (e.g. model.channels_last=true)")
-    ap.add_argument("--profile", choices=[p for p in PATHS if p != "mmalign_sweep"],
+    ap.add_argument("--profile", choices=[p for p in (*PATHS, "peer_no_ckpt") if p != "mmalign_sweep"],
                     help="profile one step of this path instead")
     ap.add_argument("--ops", action="store_true", help="count the dispatched aten ops of one step, peer vs mmalign "
                     "(e.g. --size sdxl_layout --latent 8), instead of timing")
@@ -614,6 +632,7 @@ def main():
             s["setup_s"] = [round(r["setup_s"], 1) for r in ok]
             s["cache_reused"] = [r["cache_reused"] for r in ok]
             s["reference_reads"] = [r["reference_reads"] for r in ok]
+            s["checkpointing"] = ok[0].get("checkpointing")
         summary[path] = s
     # one pass over uncached data: the one-off work (building the cache; precomputing the reference) -- a first
     # run's setup less the loading every run does (the peer's too) -- shared out over that run's steps. The
@@ -673,13 +692,12 @@ def main():
                 out[key] = round(peer["sec_per_step"] / s["first_pass_sec_per_step"], 3)
         if "sec_per_step" in sf:
             out[f"speed_ratio_vs_salesforce{suffix}"] = round(sf["sec_per_step"] / s["sec_per_step"], 3)
-    kept = summary.get("peer_kept_heap", {})
-    for name, key in (("mmalign", "speed_ratio_vs_peer_kept_heap"),
-                      ("mmalign_first_pass", "first_pass_ratio_vs_peer_kept_heap"),
-                      ("mmalign_sweep", "speed_ratio_vs_peer_kept_heap_sweep")):
-        if "sec_per_step" in kept and "sec_per_step" in summary.get(name, {}):
-            out[key] = round(kept["sec_per_step"] / summary[name]["sec_per_step"], 3)
-            out[key + "_per_repeat"] = [round(r, 3) for r in paired_ratios(runs["peer_kept_heap"], runs[name])]
+    for other in OTHER_PEERS:
+        kept = summary.get(other, {})
+        for key, name in other_peer_keys(other):
+            if "sec_per_step" in kept and "sec_per_step" in summary.get(name, {}):
+                out[key] = round(kept["sec_per_step"] / summary[name]["sec_per_step"], 3)
+                out[key + "_per_repeat"] = [round(r, 3) for r in paired_ratios(runs[other], runs[name])]
     first = summary.get("mmalign_first_pass", {})
     if "sec_per_step" in first and "sec_per_step" in peer:
         ratios = paired_ratios(runs["peer"], runs["mmalign_first_pass"])
@@ -695,12 +713,11 @@ def main():
             rs = out[f"speed_ratio_vs_peer_per_repeat{suffix}"]
             span = f" (repeats {min(rs):.2f}x-{max(rs):.2f}x)" if rs else ""
             print(f"{name} vs peer: {out[f'speed_verdict{suffix}']}{span}")
-    for key in ("speed_ratio_vs_peer_kept_heap", "first_pass_ratio_vs_peer_kept_heap",
-                "speed_ratio_vs_peer_kept_heap_sweep"):
+    for key in [k for other in OTHER_PEERS for k, _ in other_peer_keys(other)]:
         if key in out:
             rs = out[key + "_per_repeat"]
             print(f"{key}: {out[key]:.2f}x" + (f" (repeats {min(rs):.2f}x-{max(rs):.2f}x)" if rs else ""))
-    if args.ops_layout != "none" and args.paths == ap.get_default("paths") and not args.in_process \
+    if args.ops_layout != "none" and set(PATHS) <= set(paths) and not args.in_process \
             and not torch.cuda.is_available():  # the host-side op count (#27's target is at SDXL's layout)
         out.update(ops_summary(argparse.Namespace(**{**vars(args), "size": args.ops_layout, "latent": 8})))
         print(f"ops_ratio_vs_peer ({args.ops_layout} layout): {out.get('ops_ratio_vs_peer', 'failed')}, without "

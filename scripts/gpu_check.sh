@@ -60,7 +60,7 @@ run() {  # run NAME COMMAND...: a check, in the background while fewer than JOBS
   fi
 }
 
-run dpo_1pair python scripts/bench_diffusion_dpo.py "${DPO[@]}" --batch 1 --paths peer,mmalign_first_pass,mmalign
+run dpo_1pair python scripts/bench_diffusion_dpo.py "${DPO[@]}" --batch 1 --paths peer,peer_no_ckpt,mmalign_first_pass,mmalign
 run dpo_4pairs python scripts/bench_diffusion_dpo.py "${DPO[@]}" --batch 4 --paths peer,mmalign
 if python -c "import xformers" 2>/dev/null; then
   run xformers python scripts/bench_diffusion_dpo.py "${DPO[@]}" --paths peer,mmalign --overrides model.attention=xformers

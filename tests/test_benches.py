@@ -23,13 +23,15 @@ def run_json(*argv: str) -> dict:
 @pytest.mark.slow  # cost: launches processes / runs a script end to end
 def test_diffusion_bench_prints_every_ratio_from_one_run():
     out = run_json("scripts/bench_diffusion_dpo.py", "--size", "tiny", "--latent", "8", "--steps", "1",
-                   "--repeats", "1", "--ops-layout", "tiny")
+                   "--repeats", "1", "--ops-layout", "tiny", "--paths",
+                   "peer,peer_kept_heap,peer_no_ckpt,salesforce,mmalign_first_pass,mmalign,mmalign_sweep,"
+                   "mmalign_precomputed")
     for key in ("speed_ratio_vs_peer", "memory_ratio_vs_peer", "speed_ratio_vs_salesforce", "first_pass_ratio_vs_peer",
                 "first_pass_ratio_vs_peer_built_up_front", "memory_ratio_vs_peer_first_pass",
                 "speed_ratio_vs_peer_precomputed", "memory_ratio_vs_peer_precomputed", "speed_ratio_vs_peer_kept_heap",
                 "first_pass_ratio_vs_peer_kept_heap", "ops_ratio_vs_peer", "ops_ratio_vs_peer_without_optimizer",
                 "speed_ratio_vs_peer_sweep",
-                "speed_ratio_vs_peer_kept_heap_sweep"):
+                "speed_ratio_vs_peer_kept_heap_sweep", "speed_ratio_vs_peer_no_ckpt", "first_pass_ratio_vs_peer_no_ckpt"):
         assert out[key] > 0, key
     paths = out["paths"]
     assert {"peer", "peer_kept_heap", "salesforce", "mmalign_first_pass", "mmalign", "mmalign_sweep",
@@ -43,6 +45,9 @@ def test_diffusion_bench_prints_every_ratio_from_one_run():
     # step's (1 warm-up + 1 timed) from the record of its first run
     assert paths["mmalign"]["reference_reads"] == [0] and paths["mmalign_sweep"]["reference_reads"] == [2]
     assert len(out["speed_ratio_vs_peer_per_repeat"]) == 1 and out["speed_verdict"].startswith("one repeat")
+    # gradient_checkpointing auto, as shipped: decided at the first step, off where the step fits (here)
+    for path in ("mmalign", "mmalign_first_pass"):
+        assert paths[path]["checkpointing"]["on"] is False and paths[path]["checkpointing"]["activations_mb"] >= 0
 
 
 def test_diffusion_bench_verdict_needs_every_repeat_to_agree():

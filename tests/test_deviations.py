@@ -178,3 +178,12 @@ def test_shipped_lora_layers_are_fused():
     unet = DiffusionRecipe(cfg, Accelerator(cpu=True)).unet
     lora = [m for m in unet.modules() if hasattr(m, "lora_A")]
     assert lora and all(hasattr(m, "_peft_forward") for m in lora)
+
+
+def test_shipped_diffusion_configs_decide_checkpointing_by_memory():
+    """Differs from the peers' fixed flag: every shipped diffusion config says auto (decided from the step's
+    activations and the free memory; the same numbers either way: tests/test_checkpointing.py)."""
+    paths = sorted(p for d in ("sd15", "sdxl", "sd35", "flux") for p in (ROOT / "configs" / d).glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        assert load_config(path).model.gradient_checkpointing == "auto", path

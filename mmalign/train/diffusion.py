@@ -31,9 +31,11 @@ from mmalign.diffusion.storage import STORAGE_DTYPES, store_frozen
 from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.eval.sampling import sample_images
+from mmalign.models.checkpointing import auto_checkpointing
 from mmalign.models.lora import fuse_lora_layers
 from mmalign.diffusion.validation import Validator, reward_scorer
 from mmalign.losses import RunningMoments
+from mmalign.train.checkpoint import sharded_engine
 from mmalign.train.reference import Reference, resolve_kind
 from mmalign.rewards import load_reward
 
@@ -139,7 +141,13 @@ class DiffusionRecipe(RecipeBase):
         self.user_emb: dict = {}
         if cfg.ppd is not None:
             self._setup_ppd(unet)
-        if cfg.model.gradient_checkpointing:
+        ckpt = cfg.model.gradient_checkpointing
+        # auto: decided at the first trained forward; on under torch.compile (the deciding hook would break its
+        # graph) and FSDP / DeepSpeed (sharded weights: memory is what they are for)
+        if ckpt == "auto" and not (cfg.model.compile or sharded_engine(self.acc)):
+            auto_checkpointing(unet, unet.enable_gradient_checkpointing, unet.disable_gradient_checkpointing,
+                               self.acc.print)
+        elif ckpt:
             unet.enable_gradient_checkpointing()
         unet.to(self.acc.device)
         if cfg.model.channels_last and not self.family.flow:

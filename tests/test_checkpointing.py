@@ -1,0 +1,135 @@
+"""``model.gradient_checkpointing: auto`` (mmalign.models.checkpointing): the fake forward counts what the real one
+saves, the decision follows the device's free memory, and the step computes the same numbers either way."""
+import pytest
+import torch
+
+from mmalign.config import ConfigError
+from mmalign.models import checkpointing as ck
+from accelerate import Accelerator
+
+from mmalign.train.diffusion import DiffusionRecipe
+from mmalign.train.sections import load_config
+from tests.test_diffusion import batch_of, recipe_
+
+CONFIGS = {"sd": ("diffusion_dpo", []), "sdxl": ("diffusion_dpo", ["model.kind=sdxl"]), "sd3": ("flow_dpo", []),
+           "flux": ("flux_dpo", [])}
+
+
+def real_saved_bytes(module, args, kwargs) -> int:
+    """What autograd saves in a real forward, counted as ``saved_activation_bytes`` counts on fakes."""
+    existing = {t.untyped_storage()._cdata for t in [*module.parameters(), *module.buffers(), *args,
+                                                    *[v for v in kwargs.values() if torch.is_tensor(v)]]}
+    for v in kwargs.values():
+        if isinstance(v, dict):
+            existing |= {t.untyped_storage()._cdata for t in v.values() if torch.is_tensor(t)}
+    seen, total = set(existing), [0]
+
+    def pack(x):
+        key = x.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            total[0] += x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        module(*args, **kwargs)
+    return total[0]
+
+
+def auto_recipe(tmp_path, monkeypatch, free, *ov, kind="sd"):
+    """A tiny LoRA recipe with checkpointing auto and ``free`` bytes of memory left; the fake count's inputs and
+    result are recorded."""
+    calls = []
+
+    def count(module, args, kwargs):
+        n = real_count(module, args, kwargs)
+        calls.append((module, args, kwargs, n))
+        return n
+
+    real_count = ck.saved_activation_bytes
+    monkeypatch.setattr(ck, "saved_activation_bytes", count)
+    monkeypatch.setattr(ck, "available_bytes", lambda device: free)
+    name, kind_ov = CONFIGS[kind]
+    torch.manual_seed(0)
+    cfg = load_config(f"configs/tiny/{name}.yaml", [f"train.output_dir={tmp_path}", "train.progress=false",
+                                                     "validation.prompts=[]", "model.gradient_checkpointing=auto",
+                                                     *kind_ov, *ov])
+    return DiffusionRecipe(cfg, Accelerator()), calls
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux"])
+def test_fake_count_is_what_the_real_forward_saves(tmp_path, monkeypatch, kind):
+    """For every family: the bytes counted on fake tensors at the first trained forward equal the bytes a real
+    forward with the same inputs saves (without checkpointing), and are more than checkpointing saves."""
+    r, calls = auto_recipe(tmp_path, monkeypatch, 2**40, kind=kind)
+    r.compute(batch_of(r), step=0).loss.mean().backward()
+    (module, args, kwargs, fake), = calls
+    assert module is r.unet and fake > 0
+    assert r.unet._mmalign_checkpointing["on"] is False and not r.unet.is_gradient_checkpointing
+    assert real_saved_bytes(module, args, kwargs) == fake
+    r.unet.enable_gradient_checkpointing()
+    assert real_saved_bytes(module, args, kwargs) < fake
+
+
+@pytest.mark.parametrize("free,on", [(2**40, False), (10**5, True), (None, True)], ids=["fits", "tight", "unknown"])
+def test_auto_follows_free_memory_and_computes_the_same_step(tmp_path, monkeypatch, free, on):
+    """Checkpointing stays on where the step would not fit (or free memory is unknown) and goes off where it
+    fits; loss and LoRA gradients are those of the explicit setting, to the bit. Forwards under no_grad (the
+    reference) leave the decision to the first trained forward."""
+    r, calls = auto_recipe(tmp_path / "auto", monkeypatch, free)
+    assert r.unet.is_gradient_checkpointing and len(r.unet._forward_pre_hooks) == 1  # on until decided
+    with torch.no_grad():  # every forward of the step under no_grad: nothing decided
+        r.compute(batch_of(r), step=0)
+    assert not calls and len(r.unet._forward_pre_hooks) == 1
+    out = r.compute(batch_of(r), step=0)
+    out.loss.mean().backward()
+    assert len(calls) == 1 and len(r.unet._forward_pre_hooks) == 0
+    assert r.unet.is_gradient_checkpointing is on and r.unet._mmalign_checkpointing["on"] is on
+    explicit = recipe_(tmp_path / "explicit", f"model.gradient_checkpointing={str(on).lower()}")
+    ref = explicit.compute(batch_of(explicit), step=0)
+    ref.loss.mean().backward()
+    assert torch.equal(out.loss, ref.loss)
+    grads = [(p.grad, q.grad) for p, q in zip(r.unet.parameters(), explicit.unet.parameters()) if p.requires_grad]
+    assert grads and all(torch.equal(a, b) for a, b in grads)
+    r.compute(batch_of(r), step=1)
+    assert len(calls) == 1  # decided once
+
+
+def test_rule_counts_activations_and_optimizer_states():
+    assert not ck.checkpointing_needed(activations=100, trainable=10, available=1000)  # 155 <= 800
+    assert not ck.checkpointing_needed(activations=600, trainable=10, available=1000)  # 780 <= 800
+    assert ck.checkpointing_needed(activations=640, trainable=10, available=1000)  # 830 > 800
+    assert ck.checkpointing_needed(activations=100, trainable=250, available=1000)  # 125 + 750 > 800
+    assert ck.checkpointing_needed(activations=1, trainable=0, available=None)
+
+
+def test_a_failed_fake_forward_keeps_checkpointing_on(tmp_path, monkeypatch, capsys):
+    def broken(module, args, kwargs):
+        raise RuntimeError("an op fake tensors do not support")
+
+    monkeypatch.setattr(ck, "saved_activation_bytes", broken)
+    monkeypatch.setattr(ck, "available_bytes", lambda device: 2**40)
+    r = recipe_(tmp_path, "model.gradient_checkpointing=auto")
+    r.compute(batch_of(r), step=0).loss.mean().backward()
+    assert r.unet.is_gradient_checkpointing and "op fake tensors do not support" in r.unet._mmalign_checkpointing[
+        "error"]
+    assert "gradient_checkpointing auto: on (the fake forward failed (RuntimeError" in capsys.readouterr().out
+
+
+def test_cpu_free_memory_is_read_and_shared_by_the_node(monkeypatch):
+    one = ck.available_bytes(torch.device("cpu"))
+    assert one is not None and one > 2**20
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert ck.available_bytes(torch.device("cpu")) == pytest.approx(one / 4, rel=0.2)
+    assert ck.available_bytes(torch.device("meta")) is None
+
+
+def test_auto_is_on_under_compile_and_a_clear_error_elsewhere(tmp_path, monkeypatch):
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **k: real(m, backend="eager"))
+    r = recipe_(tmp_path, "model.gradient_checkpointing=auto", "model.compile=true")
+    assert r.unet.is_gradient_checkpointing and len(r.unet._forward_pre_hooks) == 0
+    with pytest.raises(ConfigError, match="sometimes"):
+        load_config("configs/tiny/diffusion_dpo.yaml", ["model.gradient_checkpointing=sometimes"])
+    with pytest.raises(ConfigError, match="auto"):  # the LM and VLM recipes take true / false
+        load_config("configs/tiny/lm_dpo.yaml", ["model.gradient_checkpointing=auto"])
