@@ -17,6 +17,10 @@ Method (an estimate, never a measurement):
   it is recomputed. Plus 10% for the allocator and workspaces. The reference forward runs under no_grad and
   adds only transient activations.
 
+``auto on N GB`` (``--cards``, 24 and 80 by default): what ``model.gradient_checkpointing: auto`` would choose on
+such a card -- its own rule (``mmalign.models.checkpointing``) applied to these estimates, with the card less the
+frozen and LoRA weights as the free memory at the first trained forward.
+
 Online methods (``--methods grpo nft awm online_dpo``): the VAE and the text encoders stay on the GPU (rollouts
 encode prompts and decode images) and so does the trained reward model (``--reward-params``, PickScore's CLIP
 ViT-H/14: 0.99B, bf16). What one trained unit costs, with F = the denoiser's forward FLOPs for one image:
@@ -206,17 +210,37 @@ def unit(method: str, model: str) -> tuple[int, int]:
 STORAGE_BYTES = {"bf16": 2, "fp8": 1}
 
 
-def estimate(p: dict, cache: bool, ckpt: bool, method: str = "dpo", reward_params: float = 0.0,
-             storage: str = "bf16") -> float:
+def frozen_bytes(p: dict, cache: bool, method: str = "dpo", reward_params: float = 0.0, storage: str = "bf16") -> float:
     """``storage``: bytes per frozen denoiser weight (``model.storage_dtype``: fp8 = float8_e4m3fn, upcast per
     layer to bf16; the one layer's upcast copy at a time is not counted, nor the norms kept in bf16)."""
-    images, _ = unit(method, p["model"])
     online = method != "dpo"
-    frozen = STORAGE_BYTES[storage] * p["denoiser_params"] + 2 * (
+    return STORAGE_BYTES[storage] * p["denoiser_params"] + 2 * (
         (0 if cache and not online else p["vae_params"] + p["text_params"]) + (reward_params if online else 0))
+
+
+def activation_bytes(p: dict, ckpt: bool, method: str = "dpo") -> float:
+    images, _ = unit(method, p["model"])
+    return (p["activations_ckpt_gb"] if ckpt else p["activations_gb"]) * GB * images / 2  # profiled for 2 images
+
+
+def estimate(p: dict, cache: bool, ckpt: bool, method: str = "dpo", reward_params: float = 0.0,
+             storage: str = "bf16") -> float:
     trainable = 16 * p["lora_params"]  # fp32 weights + grads + two AdamW states
-    acts = (p["activations_ckpt_gb"] if ckpt else p["activations_gb"]) * GB * images / 2  # profiled for 2 images
-    return 1.1 * (frozen + trainable + acts) / GB
+    return 1.1 * (frozen_bytes(p, cache, method, reward_params, storage) + trainable +
+                  activation_bytes(p, ckpt, method)) / GB
+
+
+def auto_choice(p: dict, card_gb: float, cache: bool, method: str = "dpo", reward_params: float = 0.0,
+                storage: str = "bf16") -> str:
+    """What ``model.gradient_checkpointing: auto`` would choose on a card of ``card_gb``: its rule
+    (``mmalign.models.checkpointing``) with these estimates -- free memory at the first trained forward = the card
+    less the frozen and LoRA weights."""
+    from mmalign.models.checkpointing import checkpointing_needed  # the rule a run applies, not a copy of it
+
+    free = card_gb * GB - frozen_bytes(p, cache, method, reward_params, storage) - 4 * p["lora_params"]
+    if free <= 0:
+        return "-"
+    return "on" if checkpointing_needed(activation_bytes(p, False, method), 4 * p["lora_params"], free) else "off"
 
 
 def main():
@@ -232,6 +256,8 @@ def main():
     ap.add_argument("--reward-params", type=float, default=0.99e9, help="online methods: the trained reward model's "
                                                                          "parameters (PickScore: 0.99B)")
     ap.add_argument("--sample-steps", type=int, default=10, help="online methods: sampler steps per rollout image")
+    ap.add_argument("--cards", type=float, nargs="+", default=[24, 80], help="GPU memory (GB) for the columns "
+                    "'auto on N GB': what model.gradient_checkpointing=auto would choose there")
     args = ap.parse_args()
     from mmalign.utils import print_table
 
@@ -246,11 +272,14 @@ def main():
                 cost = unit(method, m)[1] * f_img
                 cfg_mult = 1 if method in ("nft", "awm") or m in UNGUIDED else 2
                 roll = args.sample_steps * cfg_mult * f_img if method != "dpo" else 0.0
+                auto = [auto_choice(p, c, not args.no_cache, method, args.reward_params, args.storage)
+                        for c in args.cards]
                 out.append({**p, "method": method, "peak_gb": a, "peak_ckpt_gb": b, "unit_tflops": cost,
-                            "rollout_tflops_per_image": roll, "storage": args.storage})
+                            "rollout_tflops_per_image": roll, "storage": args.storage,
+                            "auto_checkpointing": dict(zip((f"{c:g}" for c in args.cards), auto))})
                 rows.append([m, r, method, f"{p['denoiser_params'] / 1e9:.2f}B", f"{p['lora_params'] / 1e6:.1f}M",
                              f"{(p['vae_params'] + p['text_params']) / 1e9:.2f}B", f"{cost:.1f}",
-                             f"{roll:.1f}" if roll else "-", f"{a:.1f}", f"{b:.1f}"])
+                             f"{roll:.1f}" if roll else "-", f"{a:.1f}", f"{b:.1f}", *auto])
     print(f"ESTIMATES (no GPU used): LoRA r={args.rank}, one trained unit per GPU (a pair for DPO, a guided step for "
           f"GRPO, an image for NFT / AWM), frozen denoiser weights stored in {args.storage}"
           f"{' (upcast per layer to bf16)' if args.storage == 'fp8' else ''}, other frozen weights bf16; offline DPO "
@@ -258,7 +287,7 @@ def main():
           f"with VAE, text encoders and a {args.reward_params / 1e9:.2f}B reward on the GPU; rollouts of "
           f"{args.sample_steps} steps")
     print_table(["model", "px", "method", "denoiser", "LoRA", "VAE+text", "TFLOP/unit", "rollout TFLOP/img",
-                 "peak GB", "peak GB (grad ckpt)"], rows)
+                 "peak GB", "peak GB (grad ckpt)", *[f"auto on {c:g} GB" for c in args.cards]], rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -92,6 +92,12 @@ def test_plan_memory_runs_for_every_model_and_method():
         assert by[(m, "grpo")]["peak_ckpt_gb"] > by[(m, "dpo")]["peak_ckpt_gb"] > 0
         if m != "flux":  # a guided GRPO step is 2 images (6F), an NFT image 4F; FLUX.1-dev has no guidance pair (3F)
             assert by[(m, "nft")]["unit_tflops"] < by[(m, "grpo")]["unit_tflops"]
+    # what gradient_checkpointing auto would choose per card: never off on the smaller card and on on the larger
+    for x in rows:
+        a = x["auto_checkpointing"]
+        assert set(a) == {"24", "80"} and set(a.values()) <= {"on", "off", "-"}, a
+        assert not (a["24"] == "off" and a["80"] == "on"), x
+    assert by[("sd15", "dpo")]["auto_checkpointing"] == {"24": "off", "80": "off"}  # 2.2-3.8 GB: fits anywhere
 
 
 @pytest.mark.slow  # cost: runs every benchmark of the GPU check at toy size
@@ -106,6 +112,7 @@ def test_gpu_check_dry_run_runs_its_whole_plan_on_cpu(tmp_path):
     assert {"dpo_1pair", "dpo_4pairs", "xformers", "compile", "storage_fp8", "online"} <= set(res)
     for k in ("dpo_1pair", "dpo_4pairs"):
         assert res[k]["speed_ratio_vs_peer"] > 0 and res[k]["batch"] == (1 if k == "dpo_1pair" else 4), res[k]
+    assert res["dpo_1pair"]["speed_ratio_vs_peer_no_ckpt"] > 0  # the peer without --gradient_checkpointing too
     assert "rollout_ratio_vs_pipeline" in json.dumps(res["online"]), res["online"]
     assert "error" not in res["compile"], res["compile"]
     assert "error" not in res["storage_fp8"] and res["storage_fp8"]["memory_ratio_vs_peer"] > 0, res["storage_fp8"]

@@ -168,6 +168,7 @@ def test_the_reference_table_key_is_built_from_the_fields_own_marks(tmp_path):
     assert path() != base
     base = path()
     for same in ("model.lora={r: 4, alpha: 4}", "model.reference=copy", "model.gradient_checkpointing=true",
+                 "model.gradient_checkpointing=auto",
                  "model.compile=true", "model.ema=true", "model.ema_decay=0.5", "model.reference_offload=true",
                  "data.cache_build=while_training", "loss.beta=10", "train.lr=0.5"):
         assert path(same) == base, same
