@@ -41,20 +41,26 @@ def losses(out: Path):
 
 @pytest.mark.slow  # cost: launches processes / runs a script end to end
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU gloo check")
-@pytest.mark.parametrize("config", ["diffusion_dpo", "flow_dpo", "flux_dpo"])
-def test_two_processes_equal_one_process(tmp_path, config):
+@pytest.mark.parametrize("config,extra", [("diffusion_dpo", []), ("flow_dpo", []), ("flux_dpo", []),
+                                          ("diffusion_dpo", ["model.gradient_checkpointing=auto"])],
+                         ids=["diffusion_dpo", "flow_dpo", "flux_dpo", "diffusion_dpo-checkpointing-auto"])
+def test_two_processes_equal_one_process(tmp_path, config, extra):
+    """Also with gradient_checkpointing auto, the shipped configs' setting: each process decides for itself
+    (the fake-tensor forward inside DDP's forward leaves its gradient hooks alone)."""
     one, two = tmp_path / "one", tmp_path / "two"
     config = f"configs/tiny/{config}.yaml"
     r1 = subprocess.run([sys.executable, "-m", "mmalign", "train", config,
-                         f"train.output_dir={one}", "train.batch_size=2", "train.grad_accum=2", *COMMON],
+                         f"train.output_dir={one}", "train.batch_size=2", "train.grad_accum=2", *COMMON, *extra],
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                          "--main_process_port", str(free_port()), "-m", "mmalign", "train",
-                         config, f"train.output_dir={two}", "train.batch_size=2", *COMMON],
+                         config, f"train.output_dir={two}", "train.batch_size=2", *COMMON, *extra],
                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "2 x 1 accum x 2 proc" in r2.stdout  # really two processes
+    if extra:
+        assert "gradient_checkpointing auto: off" in r1.stdout and "gradient_checkpointing auto: off" in r2.stdout
     assert losses(one) == losses(two)
     a = load_file(str(one / "final" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(two / "final" / "pytorch_lora_weights.safetensors"))
