@@ -8,6 +8,7 @@ from mmalign.models import checkpointing as ck
 from accelerate import Accelerator
 
 from mmalign.train.diffusion import DiffusionRecipe
+from mmalign.train.loop import train
 from mmalign.train.sections import load_config
 from tests.test_diffusion import batch_of, recipe_
 
@@ -54,7 +55,7 @@ def auto_recipe(tmp_path, monkeypatch, free, *ov, kind="sd"):
     cfg = load_config(f"configs/tiny/{name}.yaml", [f"train.output_dir={tmp_path}", "train.progress=false",
                                                      "validation.prompts=[]", "model.gradient_checkpointing=auto",
                                                      *kind_ov, *ov])
-    return DiffusionRecipe(cfg, Accelerator()), calls
+    return DiffusionRecipe(cfg, Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=True)), calls
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux"])
@@ -69,6 +70,24 @@ def test_fake_count_is_what_the_real_forward_saves(tmp_path, monkeypatch, kind):
     assert real_saved_bytes(module, args, kwargs) == fake
     r.unet.enable_gradient_checkpointing()
     assert real_saved_bytes(module, args, kwargs) < fake
+
+
+def test_bf16_mixed_precision_counts_what_autocast_saves(tmp_path, monkeypatch):
+    """The GPU recipe (bf16 frozen weights, fp32 LoRA, autocast from accelerate's prepared forward -- which runs
+    after the deciding pre-hook): the fake forward goes through the same autocast, so it counts what the real
+    bf16 forward saves, not an fp32 forward (which would fail on the bf16 weights)."""
+    r, calls = auto_recipe(tmp_path, monkeypatch, 2**40, "train.mixed_precision=bf16", "train.max_steps=1",
+                           "train.eval_every=0")
+    train(r, r.cfg.train, r.acc)
+    (module, args, kwargs, fake), = calls
+    assert module._mmalign_checkpointing["error"] is None and not module.is_gradient_checkpointing
+    assert real_saved_bytes(module, args, kwargs) == fake
+    from accelerate.state import AcceleratorState  # a second Accelerator of another precision in this test
+
+    AcceleratorState._reset_state(True)
+    fp32, _ = auto_recipe(tmp_path / "fp32", monkeypatch, 2**40)
+    fp32.compute(batch_of(fp32), step=0).loss.mean().backward()
+    assert fp32.unet._mmalign_checkpointing["activations_mb"] > module._mmalign_checkpointing["activations_mb"]
 
 
 @pytest.mark.parametrize("free,on", [(2**40, False), (10**5, True), (None, True)], ids=["fits", "tight", "unknown"])
