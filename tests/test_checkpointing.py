@@ -152,3 +152,17 @@ def test_auto_is_on_under_compile_and_a_clear_error_elsewhere(tmp_path, monkeypa
         load_config("configs/tiny/diffusion_dpo.yaml", ["model.gradient_checkpointing=sometimes"])
     with pytest.raises(ConfigError, match="auto"):  # the LM and VLM recipes take true / false
         load_config("configs/tiny/lm_dpo.yaml", ["model.gradient_checkpointing=auto"])
+
+
+def test_the_decision_is_kept_in_the_run_summary(tmp_path):
+    """What auto chose, and from which figures, is in ``final/summary.json`` beside the run's results."""
+    import json
+
+    from mmalign.train.diffusion import run
+
+    cfg = load_config("configs/tiny/diffusion_dpo.yaml", [f"train.output_dir={tmp_path}", "train.progress=false",
+                                                           "validation.prompts=[]", "model.gradient_checkpointing=auto",
+                                                           "train.max_steps=1", "train.eval_every=0"])
+    run(cfg)
+    got = json.loads((tmp_path / "final" / "summary.json").read_text())["gradient_checkpointing"]
+    assert got["on"] is False and got["activations_mb"] > 0 and got["available_mb"] > 0 and got["error"] is None

@@ -220,8 +220,10 @@ def export_final(recipe, result: TrainResult, acc, summary: bool = False) -> Pat
     if acc.is_main_process:
         tmp.mkdir(parents=True, exist_ok=True)
         if summary:
+            decided = getattr(recipe.policy, "_mmalign_checkpointing", None)  # gradient_checkpointing: auto
             (tmp / "summary.json").write_text(json.dumps({"step": result.step, "eval": result.eval_history,
-                                                          "skipped_steps": result.skipped_steps}))
+                                                          "skipped_steps": result.skipped_steps,
+                                                          **({"gradient_checkpointing": decided} if decided else {})}))
         replace_dir(tmp, out)
     acc.wait_for_everyone()
     return out
