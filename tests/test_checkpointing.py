@@ -43,12 +43,12 @@ def auto_recipe(tmp_path, monkeypatch, free, *ov, kind="sd"):
     calls = []
 
     def count(module, args, kwargs):
-        n = real_count(module, args, kwargs)
+        n, outs = real_count(module, args, kwargs)
         calls.append((module, args, kwargs, n))
-        return n
+        return n, outs
 
-    real_count = ck.saved_activation_bytes
-    monkeypatch.setattr(ck, "saved_activation_bytes", count)
+    real_count = ck.fake_forward
+    monkeypatch.setattr(ck, "fake_forward", count)
     monkeypatch.setattr(ck, "available_bytes", lambda device: free)
     name, kind_ov = CONFIGS[kind]
     torch.manual_seed(0)
@@ -120,13 +120,14 @@ def test_rule_counts_activations_and_optimizer_states():
     assert ck.checkpointing_needed(activations=640, trainable=10, available=1000)  # 830 > 800
     assert ck.checkpointing_needed(activations=100, trainable=250, available=1000)  # 125 + 750 > 800
     assert ck.checkpointing_needed(activations=1, trainable=0, available=None)
+    assert ck.checkpointing_needed(activations=100, trainable=10, available=1000, outputs=250)  # + 750 > 800
 
 
 def test_a_failed_fake_forward_keeps_checkpointing_on(tmp_path, monkeypatch, capsys):
     def broken(module, args, kwargs):
         raise RuntimeError("an op fake tensors do not support")
 
-    monkeypatch.setattr(ck, "saved_activation_bytes", broken)
+    monkeypatch.setattr(ck, "fake_forward", broken)
     monkeypatch.setattr(ck, "available_bytes", lambda device: 2**40)
     r = recipe_(tmp_path, "model.gradient_checkpointing=auto")
     r.compute(batch_of(r), step=0).loss.mean().backward()
@@ -150,8 +151,6 @@ def test_auto_is_on_under_compile_and_a_clear_error_elsewhere(tmp_path, monkeypa
     assert r.unet.is_gradient_checkpointing and len(r.unet._forward_pre_hooks) == 0
     with pytest.raises(ConfigError, match="sometimes"):
         load_config("configs/tiny/diffusion_dpo.yaml", ["model.gradient_checkpointing=sometimes"])
-    with pytest.raises(ConfigError, match="auto"):  # the LM and VLM recipes take true / false
-        load_config("configs/tiny/lm_dpo.yaml", ["model.gradient_checkpointing=auto"])
 
 
 def test_the_decision_is_kept_in_the_run_summary(tmp_path):
@@ -166,3 +165,48 @@ def test_the_decision_is_kept_in_the_run_summary(tmp_path):
     run(cfg)
     got = json.loads((tmp_path / "final" / "summary.json").read_text())["gradient_checkpointing"]
     assert got["on"] is False and got["activations_mb"] > 0 and got["available_mb"] > 0 and got["error"] is None
+
+
+def lm_recipe(tmp_path, config, setting):
+    from mmalign.train.lm import LMRecipe
+    from mmalign.train.vlm import VLMRecipe
+
+    torch.manual_seed(0)
+    cfg = load_config(f"configs/tiny/{config}.yaml", [f"train.output_dir={tmp_path}", "train.progress=false",
+                                                       f"model.gradient_checkpointing={setting}"])
+    return (VLMRecipe if config.startswith("vlm") else LMRecipe)(cfg, Accelerator(cpu=True))
+
+
+def checkpointed(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+@pytest.mark.parametrize("config,on", [("lm_dpo", False), ("lm_dpo_lora", False), ("vlm_dpo", True)])
+def test_language_models_decide_the_same_way(tmp_path, monkeypatch, config, on):
+    """Causal LMs (full and LoRA, peft-wrapped): on until the first trained forward, whose fake count equals the
+    real forward's saved bytes and whose logits are counted as outputs; then off where it fits, with the explicit
+    setting's loss and gradients. A LLaVA-style VLM merges its image features where the image tokens are -- a
+    data-dependent step fake tensors cannot take -- so auto stays on there, saying why."""
+    calls = []
+    real_count = ck.fake_forward
+    monkeypatch.setattr(ck, "fake_forward", lambda m, a, k: calls.append((m, a, k)) or real_count(m, a, k))
+    monkeypatch.setattr(ck, "available_bytes", lambda device: 2**40)
+    runs = {}
+    for setting in ("auto", str(on).lower()):
+        r = lm_recipe(tmp_path / setting, config, setting)
+        assert checkpointed(r.policy) is (setting != "false")
+        r.model.train()
+        out = r.compute(r.train_data.collate([r.train_data[i] for i in range(4)]))
+        out.loss.mean().backward()
+        runs[setting] = (out.loss.detach(), [p.grad for p in r.policy.parameters() if p.requires_grad], r.policy)
+    (module, args, kwargs), = calls
+    decided = module._mmalign_checkpointing
+    assert decided["on"] is on and checkpointed(runs["auto"][2]) is on
+    if on:
+        assert "DataDependent" in decided["error"]
+    else:
+        assert decided["error"] is None
+        fake, outputs = real_count(module, args, kwargs)
+        assert real_saved_bytes(module, args, kwargs) == fake and outputs > 0
+    auto, explicit = runs["auto"], runs[str(on).lower()]
+    assert torch.equal(auto[0], explicit[0]) and all(torch.equal(a, b) for a, b in zip(auto[1], explicit[1]))

@@ -181,9 +181,11 @@ def test_shipped_lora_layers_are_fused():
 
 
 def test_shipped_diffusion_configs_decide_checkpointing_by_memory():
-    """Differs from the peers' fixed flag: every shipped diffusion config says auto (decided from the step's
-    activations and the free memory; the same numbers either way: tests/test_checkpointing.py)."""
-    paths = sorted(p for d in ("sd15", "sdxl", "sd35", "flux") for p in (ROOT / "configs" / d).glob("*.yaml"))
-    assert len(paths) >= 10
+    """Differs from the peers' fixed flag: every shipped diffusion config, and the Llama LoRA one (TRL turns it on
+    by default), says auto (decided from the step's activations and the free memory; the same numbers either way:
+    tests/test_checkpointing.py)."""
+    paths = sorted(p for d in ("sd15", "sd21", "sdxl", "sd35", "flux") for p in (ROOT / "configs" / d).glob("*.yaml"))
+    paths.append(ROOT / "configs/lm/llama_lora_dpo.yaml")
+    assert len(paths) >= 12
     for path in paths:
         assert load_config(path).model.gradient_checkpointing == "auto", path

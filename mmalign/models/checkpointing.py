@@ -12,8 +12,9 @@ inputs: it runs the same forward once more on fake tensors (``FakeTensorMode``: 
 arithmetic), counts the bytes of the tensors autograd would save for the backward without checkpointing, and
 compares them with the memory the device has left (``available_bytes``)::
 
-    need = 1.25 x saved activations + 3 x the trainable parameters' bytes (their gradients and two AdamW states,
-           which do not exist yet at the first forward)
+    need = 1.25 x saved activations + 3 x the outputs' bytes in fp32 + 3 x the trainable parameters' bytes
+    (outputs: a language model's logits, which the loss upcasts, log-softmaxes and differentiates outside the
+    forward -- small for a denoiser; trainable: their gradients and two AdamW states, not allocated yet)
     checkpointing off  if  need <= 0.8 x available, else on
 
 The factors leave room for what the count does not see: the backward's gradient buffers, the allocator's
@@ -30,7 +31,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-ACTIVATION_FACTOR, STATE_FACTOR, BUDGET_FRACTION = 1.25, 3, 0.8
+ACTIVATION_FACTOR, OUTPUT_FACTOR, STATE_FACTOR, BUDGET_FRACTION = 1.25, 3, 3, 0.8
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -41,6 +42,11 @@ def saved_activation_bytes(module: torch.nn.Module, args: tuple, kwargs: dict) -
     """Bytes autograd saves for the backward in one ``module(*args, **kwargs)`` without checkpointing, counted on
     fake tensors (nothing computed or allocated). Each storage once; parameters, buffers and the inputs are not
     counted (they exist already), views of them neither."""
+    return fake_forward(module, args, kwargs)[0]
+
+
+def fake_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """(saved bytes as ``saved_activation_bytes`` counts them, the floating outputs' elements x 4 bytes)."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # only this count needs fake tensors
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -60,8 +66,9 @@ def saved_activation_bytes(module: torch.nn.Module, args: tuple, kwargs: dict) -
         seen.update(_storage_key(t) for t in [*state.values(), *pytree.tree_leaves((args, kwargs))]
                     if isinstance(t, torch.Tensor))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            torch.func.functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
-    return total[0]
+            out = torch.func.functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
+    outputs = sum(4 * t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point())
+    return total[0], outputs
 
 
 def available_bytes(device: torch.device) -> Optional[int]:
@@ -81,11 +88,12 @@ def available_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def checkpointing_needed(activations: int, trainable: int, available: Optional[int]) -> bool:
+def checkpointing_needed(activations: int, trainable: int, available: Optional[int], outputs: int = 0) -> bool:
     """The rule of the module docstring: True (keep checkpointing) unless the step fits with room to spare."""
     if available is None:
         return True
-    return ACTIVATION_FACTOR * activations + STATE_FACTOR * trainable > BUDGET_FRACTION * available
+    need = ACTIVATION_FACTOR * activations + OUTPUT_FACTOR * outputs + STATE_FACTOR * trainable
+    return need > BUDGET_FRACTION * available
 
 
 def auto_checkpointing(module: torch.nn.Module, enable: Callable[[], None], disable: Callable[[], None],
@@ -106,19 +114,21 @@ def auto_checkpointing(module: torch.nn.Module, enable: Callable[[], None], disa
         trainable = sum(q.numel() * 4 for q in mod.parameters() if q.requires_grad)
         disable()  # the count is of the forward without checkpointing
         try:
-            acts, error = saved_activation_bytes(mod, args, kwargs), None
+            (acts, outs), error = fake_forward(mod, args, kwargs), None
         except Exception as e:  # noqa: BLE001 - any failure of the fake forward: keep the choice that fits
-            acts, error = None, f"{type(e).__name__}: {e}"
+            acts = outs = None
+            error = f"{type(e).__name__}: {e}"
         free = (available or available_bytes)(p.device)
-        on = error is not None or checkpointing_needed(acts, trainable, free)
+        on = error is not None or checkpointing_needed(acts, trainable, free, outs)
         (enable if on else disable)()
         mb = (lambda b: None if b is None else round(b / 2**20))
-        mod._mmalign_checkpointing = {"on": on, "activations_mb": mb(acts), "trainable_mb": mb(trainable),
-                                      "available_mb": mb(free), "error": error}
+        mod._mmalign_checkpointing = {"on": on, "activations_mb": mb(acts), "outputs_mb": mb(outs),
+                                      "trainable_mb": mb(trainable), "available_mb": mb(free), "error": error}
         why = (f"the fake forward failed ({error.splitlines()[0][:200]})" if error is not None else
                f"free memory unknown on {p.device.type}" if free is None else
-               f"{mb(acts)} MB of activations + {mb(STATE_FACTOR * trainable)} MB of gradients and optimizer "
-               f"states against {mb(free)} MB free on {p.device.type}")
+               f"{mb(acts)} MB of activations + {mb(OUTPUT_FACTOR * outs)} MB for the outputs' loss + "
+               f"{mb(STATE_FACTOR * trainable)} MB of gradients and optimizer states against {mb(free)} MB free "
+               f"on {p.device.type}")
         report(f"gradient_checkpointing auto: {'on' if on else 'off'} ({why})")
         return None
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmalign.models.checkpointing import auto_checkpointing
 from mmalign.models.lora import fuse_lora_layers
 from mmalign.paths import TINY_TOKENIZER, resolve
 
@@ -103,6 +104,19 @@ def enable_gradient_checkpointing(model):
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x's name
     (enable or model.gradient_checkpointing_enable)()
     model.config.use_cache = False
+
+
+def disable_gradient_checkpointing(model):
+    disable = getattr(model, "activation_checkpointing_disable", None)  # transformers >= 5.2x's name
+    (disable or model.gradient_checkpointing_disable)()
+
+
+def decide_gradient_checkpointing(model, report=print):
+    """``model.gradient_checkpointing: auto`` for a causal LM or VLM (peft-wrapped or not): on until its first
+    trained forward decides (mmalign.models.checkpointing; the logits' log-softmax outside the forward is counted
+    from the outputs)."""
+    auto_checkpointing(model, lambda: enable_gradient_checkpointing(model),
+                       lambda: disable_gradient_checkpointing(model), report)
 
 
 def set_dropout(model, p: float):

@@ -23,8 +23,9 @@ from mmalign.data.text import (
     pad_sequences,
 )
 from mmalign.losses import LOSSES, RunningMoments, activation_mask, kto_kl, token_kl
-from mmalign.models.lm import (TokenLogps, build_causal_lm, completion_logps, enable_gradient_checkpointing,
-                               sample_completions)
+from mmalign.models.lm import (TokenLogps, build_causal_lm, completion_logps, decide_gradient_checkpointing,
+                               enable_gradient_checkpointing, sample_completions)
+from mmalign.train.checkpoint import sharded_engine
 from mmalign.train.reference import Reference, resolve_kind
 from mmalign.rewards.spec import load_function, parse_reward_spec
 from mmalign.rewards.transform import reference_rewards, transformed_reward
@@ -46,6 +47,8 @@ class LMRecipe(RecipeBase):
             model, tokenizer = self.build_model(cfg)
         elif cfg.model.gradient_checkpointing:  # a caller's model gets the config's checkpointing too
             enable_gradient_checkpointing(model)
+        if cfg.model.gradient_checkpointing == "auto" and not sharded_engine(accelerator):  # on until decided
+            decide_gradient_checkpointing(model, accelerator.print)
         self.model, self.tokenizer = model, tokenizer
         self.policy = model  # unwrapped handle (accelerate may wrap self.model in DDP)
         self.train_data, self.eval_data = self.build_data(cfg, tokenizer)

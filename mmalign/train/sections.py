@@ -215,8 +215,11 @@ class PolicySource(ModelSource):
     """train LoRA adapters instead of every weight (null: full fine-tuning)"""
     reference: Literal["auto", "copy", "peft", "precomputed"] = not_in("reference", default="auto")
     """auto = peft (adapters disabled) with LoRA, else a frozen copy"""
-    gradient_checkpointing: bool = not_in("reference", default=False)
-    """recompute activations in the backward pass (less memory, ~30 % more compute)"""
+    gradient_checkpointing: Union[bool, Literal["auto"]] = not_in("reference", default=False)
+    """recompute activations in the backward pass (less memory, ~30 % more compute: a fourth forward per DPO step);
+    auto = only where the step would not fit without it, decided at the first trained forward from the bytes it
+    saves and the device's free memory (mmalign.models.checkpointing); on under FSDP / DeepSpeed and, for
+    denoisers, with model.compile"""
 
     def validate(self):
         super().validate()
@@ -408,10 +411,6 @@ class DiffusionModelSection(PolicySource):
     """LoRA only: store the frozen Linear / Conv2d weights of the UNet/transformer in this dtype and upcast each
     layer to model.frozen_dtype just for its forward and backward (layer-wise casting that works with gradient
     checkpointing, mmalign.diffusion.storage); null = store them in model.frozen_dtype"""
-    gradient_checkpointing: Union[bool, Literal["auto"]] = not_in("reference", default=False)
-    """recompute activations in the backward pass (less memory, a fourth forward per DPO step); auto = only where
-    the step would not fit without it, decided at the first trained forward from its saved activations and the
-    device's free memory (mmalign.models.checkpointing); with model.compile, auto is on"""
     reference_record: bool = not_in("reference", default=True)
     """with data.cache_dir: keep the reference scores the steps compute there, and read them where a later run
     draws the same noise (same data and train.seed: a sweep over beta, lr, loss or LoRA rank) or an eval repeats
