@@ -203,8 +203,8 @@ def test_cpu_adamw_is_fused_and_agrees_with_the_loop(tmp_path, monkeypatch):
 
     built, real = [], loop.build_optimizer
 
-    def build(params, c, lr, fused):
-        opt = real(params, c, lr)
+    def build(params, c, lr, fused, sharded=False):
+        opt = real(params, c, lr, sharded)
         if not fused:
             for g in opt.param_groups:
                 g["fused"] = None
@@ -213,7 +213,8 @@ def test_cpu_adamw_is_fused_and_agrees_with_the_loop(tmp_path, monkeypatch):
 
     runs = {}
     for name, fused in [("fused", True), ("loop", False)]:
-        monkeypatch.setattr(loop, "build_optimizer", lambda p, c, lr, f=fused: build(p, c, lr, f))
+        monkeypatch.setattr(loop, "build_optimizer",
+                            lambda p, c, lr, sharded=False, f=fused: build(p, c, lr, f, sharded))
         recipe = ToyRecipe()
         train(recipe, cfg(tmp_path / name, optimizer="adamw", lr=0.05, max_steps=5, weight_decay=0.01),
               Accelerator(cpu=True))

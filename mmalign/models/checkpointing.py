@@ -67,7 +67,8 @@ def fake_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[in
                     if isinstance(t, torch.Tensor))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             out = torch.func.functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
-    outputs = sum(4 * t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point())
+    leaves = pytree.tree_leaves(out)
+    outputs = sum(4 * t.numel() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
     return total[0], outputs
 
 

@@ -213,13 +213,14 @@ def _engine_as_launched(acc) -> None:
         + ("; MMALIGN_FSDP_ON_CPU=1 runs accelerate's FSDP2 path on CPU (gloo) for testing" if wants_fsdp else ""))
 
 
-def build_optimizer(params, cfg: TrainSection, lr: float):
+def build_optimizer(params, cfg: TrainSection, lr: float, sharded: bool = False):
+    """``sharded``: the parameters will be FSDP / DeepSpeed shards (torch picks the AdamW kernel, as before)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
-                                 fused=_fused_adamw(params))
+                                 fused=None if sharded else _fused_adamw(params))
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adafactor":
@@ -241,7 +242,8 @@ def _fused_adamw(params) -> bool | None:
     CPU default is a loop over the tensors (its foreach kernels fall back to the same loop there), ~31 dispatched
     ops per tensor -- 35k of an SDXL LoRA step's 180k, 24 ms; fused: 7.8k, 6 ms. The weights agree with the loop's
     to float32 rounding (the update's terms are summed in another order; tests/test_loop.py). Elsewhere (CUDA: its
-    foreach kernels; sharded DTensors) torch's choice stays."""
+    foreach kernels; DTensors; FSDP / DeepSpeed, whose shards replace the parameters after the optimizer is built:
+    ``build_optimizer(sharded=True)``) torch's choice stays."""
     plain = all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in params)
     return True if plain and all(p.device.type == "cpu" and p.is_floating_point() for p in params) else None
 
@@ -362,7 +364,7 @@ class _Run:
             warnings.warn(f"loss {loss_fn.registry_name!r} is batch-dependent: each of the {self.world} processes "
                           "sorts its own shard, so the result differs from one process at the same global batch "
                           "(as in TRL)")
-        optimizer = build_optimizer(recipe.trainable_parameters(), cfg, self.lr)
+        optimizer = build_optimizer(recipe.trainable_parameters(), cfg, self.lr, sharded=ckpt.sharded_engine(acc))
         self.scheduler = build_scheduler(optimizer, cfg)
         self.model, self.optimizer = acc.prepare(recipe.trainable_module(), optimizer)
         recipe.bind(self.model)
