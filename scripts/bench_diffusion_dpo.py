@@ -406,7 +406,7 @@ def other_peer_keys(other: str) -> list[tuple[str, str]]:
 def run_path(args, hook=None) -> dict:
     """Run ``args.path`` (``hook`` after every step: the profiler's)."""
     torch.manual_seed(0)
-    if args.path in ("peer_kept_heap", "peer_no_ckpt"):
+    if args.path in OTHER_PEERS:  # the peers run with mmalign's CPU heap setting
         from mmalign.utils import keep_cpu_heap
 
         keep_cpu_heap()

@@ -17,7 +17,7 @@ CONFIGS = {"sd": ("diffusion_dpo", []), "sdxl": ("diffusion_dpo", ["model.kind=s
 
 
 def real_saved_bytes(module, args, kwargs) -> int:
-    """What autograd saves in a real forward, counted as ``saved_activation_bytes`` counts on fakes."""
+    """What autograd saves in a real forward, counted as ``fake_forward`` counts on fakes."""
     existing = {t.untyped_storage()._cdata for t in [*module.parameters(), *module.buffers(), *args,
                                                     *[v for v in kwargs.values() if torch.is_tensor(v)]]}
     for v in kwargs.values():

@@ -38,15 +38,10 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def saved_activation_bytes(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
-    """Bytes autograd saves for the backward in one ``module(*args, **kwargs)`` without checkpointing, counted on
-    fake tensors (nothing computed or allocated). Each storage once; parameters, buffers and the inputs are not
-    counted (they exist already), views of them neither."""
-    return fake_forward(module, args, kwargs)[0]
-
-
 def fake_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
-    """(saved bytes as ``saved_activation_bytes`` counts them, the floating outputs' elements x 4 bytes)."""
+    """One ``module(*args, **kwargs)`` without checkpointing, on fake tensors (nothing computed or allocated):
+    (the bytes autograd saves for the backward, the floating outputs' elements x 4 bytes). Each saved storage
+    once; parameters, buffers and the inputs are not counted (they exist already), views of them neither."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # only this count needs fake tensors
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
