@@ -140,3 +140,46 @@ def test_training_with_bf16_storage_and_checkpointing_equals_the_rounded_fp32_ru
     assert b.recipe.unet.dtype == torch.float32
     assert any(p.dtype == torch.bfloat16 for p in b.recipe.unet.parameters())
     assert (tmp_path / "bf16" / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_cpu_upcast_reuses_one_buffer_only_where_nothing_keeps_it():
+    """Under no_grad (inside the autograd functions) a CPU upcast writes into one reused buffer and equals a plain
+    cast, for 16-bit and scaled fp8 storage; with grad enabled (the result could be saved) and under fake tensors
+    (the checkpointing decision) it is a tensor of its own, and nothing fake is kept for later real calls."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from mmalign.diffusion import storage
+
+    w1, w2 = torch.randn(64, 32), torch.randn(16, 8, 3, 3)
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        (q1, s1), (q2, s2) = quantise(w1, dtype), quantise(w2, dtype)
+        want1, want2 = q1.float() * (1 if s1 is None else s1), q2.float() * (1 if s2 is None else s2)
+        with torch.no_grad():
+            a = upcast(q1, s1, torch.float32)
+            assert torch.equal(a, want1)
+            ptr = a.data_ptr()
+            b = upcast(q2, s2, torch.float32)
+            assert torch.equal(b, want2) and b.data_ptr() == ptr  # the same memory, rewritten
+        fresh = upcast(q2, s2, torch.float32)
+        assert torch.equal(fresh, want2) and fresh.data_ptr() != ptr
+    mode, stored = FakeTensorMode(), quantise(w1, torch.bfloat16)[0]
+    with mode, torch.no_grad():
+        out = upcast(mode.from_tensor(stored), None, torch.float32)
+    assert isinstance(out, FakeTensor) and not any(isinstance(t, FakeTensor) for t in storage._SCRATCH.values())
+
+
+def test_bf16_storage_with_auto_checkpointing_decides_and_trains(tmp_path):
+    """model.gradient_checkpointing=auto on a stored base: the fake forward that decides runs through the stored
+    layers (and leaves no fake buffer behind), decides off on this machine's free memory, and the run's losses
+    are those of the rounded fp32 base (as the test above)."""
+    from mmalign.train.diffusion import run
+
+    rounded = tiny_components("sd", seed=0, sample_size=16)
+    rounded_in_fp32(rounded.denoiser.requires_grad_(False), torch.bfloat16)
+    a = run(cfg(tmp_path / "fp32", "train.batch_size=2"), components=rounded)
+    b = run(cfg(tmp_path / "bf16", "train.batch_size=2", "model.storage_dtype=bfloat16",
+                "model.gradient_checkpointing=auto"), components=tiny_components("sd", seed=0, sample_size=16))
+    decided = b.recipe.unet._mmalign_checkpointing
+    assert decided["error"] is None and decided["on"] is False and decided["activations_mb"] >= 0
+    torch.testing.assert_close(torch.tensor([h["train/loss"] for h in b.history]),
+                               torch.tensor([h["train/loss"] for h in a.history]), rtol=1e-5, atol=0)
