@@ -183,3 +183,61 @@ def test_bf16_storage_with_auto_checkpointing_decides_and_trains(tmp_path):
     assert decided["error"] is None and decided["on"] is False and decided["activations_mb"] >= 0
     torch.testing.assert_close(torch.tensor([h["train/loss"] for h in b.history]),
                                torch.tensor([h["train/loss"] for h in a.history]), rtol=1e-5, atol=0)
+
+
+def saved_bytes(unet, autocast: bool):
+    """Loss, input grad and LoRA grads of one forward + backward, and the bytes autograd saved for it beyond the
+    module's own weights (each storage once: a saved parameter costs nothing, an autocast copy of one does)."""
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen, total = set(), [0]
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in weights and key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = loss_and_grads(unet)
+    return out, total[0]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_frozen_convs_save_no_input_and_give_the_same_bits(autocast, checkpointing):
+    """A LoRA UNet whose frozen convs run through the stored-conv function in their own dtype: loss, the input's
+    gradient and every LoRA gradient equal to the bit (fp32 and bf16 autocast, with and without checkpointing),
+    and autograd saves fewer bytes beyond the weights (one input per frozen conv no longer kept; under autocast
+    with fp32 weights, no bf16 copy of each conv weight either)."""
+    from mmalign.diffusion.storage import frozen_convs_save_no_input
+
+    base, patched = lora_unet(), lora_unet()
+    n = frozen_convs_save_no_input(patched)
+    assert n == sum(type(m) is nn.Conv2d for m in patched.modules()) > 0
+    if checkpointing:
+        base.enable_gradient_checkpointing()
+        patched.enable_gradient_checkpointing()
+    (loss_a, gx_a, grads_a), bytes_a = saved_bytes(base, autocast)
+    (loss_b, gx_b, grads_b), bytes_b = saved_bytes(patched, autocast)
+    assert torch.equal(loss_a, loss_b) and torch.equal(gx_a, gx_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    assert bytes_b < bytes_a
+
+
+def test_lora_runs_patch_frozen_convs_except_under_compile(tmp_path):
+    """The diffusion recipe applies it to a LoRA run's frozen convs; not with model.compile (its partitioner
+    already saves only what the backward reads) and not where store_frozen took the layers."""
+    from mmalign.train.diffusion import run
+
+    def patched(r):
+        return sum(getattr(m.forward, "__func__", None) is storage_mod._frozen_conv_forward
+                   for m in r.recipe.unet.modules())
+
+    from mmalign.diffusion import storage as storage_mod
+
+    plain = run(cfg(tmp_path / "a", "train.max_steps=1"), components=tiny_components("sd", seed=0, sample_size=16))
+    stored = run(cfg(tmp_path / "b", "train.max_steps=1", "model.storage_dtype=bfloat16"),
+                 components=tiny_components("sd", seed=0, sample_size=16))
+    assert patched(plain) > 0 and patched(stored) == 0

@@ -27,7 +27,7 @@ from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.online import DiffusionRounds
 from mmalign.diffusion.rl import RL_KINDS
-from mmalign.diffusion.storage import STORAGE_DTYPES, store_frozen
+from mmalign.diffusion.storage import STORAGE_DTYPES, frozen_convs_save_no_input, store_frozen
 from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.eval.sampling import sample_images
@@ -171,6 +171,8 @@ class DiffusionRecipe(RecipeBase):
         fuse_lora_layers(unet)  # the same bits as peft's forward, fewer dispatched ops per layer
         if self.cfg.model.storage_dtype is not None:
             store_frozen(unet, STORAGE_DTYPES[self.cfg.model.storage_dtype], self.dtype)
+        elif not (self.cfg.model.compile or sharded_engine(self.acc)):  # FSDP / DeepSpeed: their modules alone
+            frozen_convs_save_no_input(unet)  # the same bits; no saved input the frozen conv's backward never reads
 
     def _use_cache(self):
         """Read latents + text embeddings from data.cache_dir: built before the first step, or filled by the steps
