@@ -47,6 +47,11 @@ def upcast(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype)
 _SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype``, with no op dispatched where it is already (a frozen conv in its own dtype)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _reuse_scratch(weight: torch.Tensor) -> bool:
     """Eager CPU calls only: not under autograd (the result would be saved past the next upcast), torch.compile,
     or a dispatch mode such as the fake tensors that decide gradient checkpointing (a buffer made there is fake)."""
@@ -86,7 +91,7 @@ class _StoredLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias, dtype):
         ctx.save_for_backward(weight, scale)
-        return F.linear(x, upcast(weight, scale, dtype), None if bias is None else bias.to(dtype))
+        return F.linear(x, upcast(weight, scale, dtype), _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad):
@@ -103,7 +108,7 @@ class _StoredConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, dtype, stride, padding, dilation, groups):
         ctx.save_for_backward(weight, scale)
         ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, upcast(weight, scale, dtype), None if bias is None else bias.to(dtype), stride, padding,
+        return F.conv2d(x, upcast(weight, scale, dtype), _cast(bias, dtype), stride, padding,
                         dilation, groups)
 
     @staticmethod
