@@ -90,6 +90,8 @@ def build(name: str, rank: int):
     from peft import LoraConfig
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+    from mmalign.diffusion.storage import frozen_convs_save_no_input  # what a LoRA run applies, not a copy
+
     kind, cfg, texts, vae_cfg, _ = MODELS[name]
     with torch.device("meta"):
         den = {"unet": diffusers.UNet2DConditionModel, "sd3": diffusers.SD3Transformer2DModel,
@@ -100,6 +102,7 @@ def build(name: str, rank: int):
         base = count(den)
         den.requires_grad_(False)
         den.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian"))
+        frozen_convs_save_no_input(den)  # as the diffusion recipe's LoRA runs: frozen convs keep no input
     lora = sum(p.numel() for p in den.parameters() if p.requires_grad)
     return den, base, lora, frozen_other, text_params
 
