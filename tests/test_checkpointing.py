@@ -210,3 +210,32 @@ def test_language_models_decide_the_same_way(tmp_path, monkeypatch, config, on):
         assert real_saved_bytes(module, args, kwargs) == fake and outputs > 0
     auto, explicit = runs["auto"], runs[str(on).lower()]
     assert torch.equal(auto[0], explicit[0]) and all(torch.equal(a, b) for a, b in zip(auto[1], explicit[1]))
+
+
+def test_auto_names_the_storage_lever_where_it_stays_on(tmp_path, monkeypatch, capsys):
+    """Where checkpointing stays on for memory, the report names the next lower model.storage_dtype and the bytes
+    it would free (half the storable frozen weights), and says whether that would let it go off -- by the same
+    rule; a run that stores its weights low already gets no lever."""
+    probe, calls = auto_recipe(tmp_path / "probe", monkeypatch, 2**40)
+    probe.compute(batch_of(probe), step=0)  # decides: off, so the count below is of the forward without it
+    acts, outs = ck.fake_forward(*calls[0][:3])
+    trainable = sum(p.numel() * 4 for p in probe.unet.parameters() if p.requires_grad)
+    setting, frees = probe._storage_lever(probe.unet)
+    frozen = [m.weight for m in probe.unet.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
+              and not m.weight.requires_grad]
+    assert setting == "model.storage_dtype=bfloat16" and frees == sum(w.numel() * 4 for w in frozen) // 2 > 0
+    need = ck.ACTIVATION_FACTOR * acts + ck.OUTPUT_FACTOR * outs + ck.STATE_FACTOR * trainable
+    for free in (int(need / ck.BUDGET_FRACTION) - frees // 2, 1):
+        r, _ = auto_recipe(tmp_path / str(free), monkeypatch, free)
+        capsys.readouterr()
+        r.compute(batch_of(r), step=0)
+        record = r.unet._mmalign_checkpointing
+        enough = not ck.checkpointing_needed(acts, trainable, free + frees, outs)
+        assert record["on"] is True and record["lever"] == {"setting": setting, "frees_mb": round(frees / 2**20),
+                                                            "enough": enough}
+        assert enough or free == 1  # the first free is short by half of what the lever frees
+        said = capsys.readouterr().out
+        assert f"model.storage_dtype=bfloat16 would free {round(frees / 2**20)} MB" in said
+        assert ("enough to turn it off" in said) is enough
+    stored, _ = auto_recipe(tmp_path / "stored", monkeypatch, 1, "model.storage_dtype=bfloat16")
+    assert stored._storage_lever(stored.unet) is None

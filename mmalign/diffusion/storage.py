@@ -146,13 +146,13 @@ def frozen_convs_save_no_input(module: nn.Module) -> int:
     gain under torch.compile, whose partitioner saves only what the backward reads. Returns how many layers."""
     n = 0
     for mod in module.modules():
-        if type(mod) is nn.Conv2d and _eligible(mod) and not hasattr(mod, "compute_dtype"):
+        if type(mod) is nn.Conv2d and storable(mod) and not hasattr(mod, "compute_dtype"):
             mod.forward = types.MethodType(_frozen_conv_forward, mod)
             n += 1
     return n
 
 
-def _eligible(mod: nn.Module) -> bool:
+def storable(mod: nn.Module) -> bool:
     """A plain ``nn.Linear`` or zero-padded ``nn.Conv2d`` (not a subclass: peft's LoRA layers wrap theirs) whose
     weights are all frozen."""
     if type(mod) not in (nn.Linear, nn.Conv2d):
@@ -169,7 +169,7 @@ def store_frozen(module: nn.Module, storage: torch.dtype, compute: torch.dtype =
     many weights (elements) it stored low. Biases, norms and embeddings stay as they are: they are small."""
     n = 0
     for mod in module.modules():
-        if not _eligible(mod):
+        if not storable(mod):
             continue
         stored, scale = quantise(mod.weight.data, storage)
         mod.weight.data = stored

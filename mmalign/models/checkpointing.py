@@ -94,11 +94,13 @@ def checkpointing_needed(activations: int, trainable: int, available: Optional[i
 
 def auto_checkpointing(module: torch.nn.Module, enable: Callable[[], None], disable: Callable[[], None],
                        report: Callable[[str], None] = print,
-                       available: Optional[Callable[[torch.device], Optional[int]]] = None):
+                       available: Optional[Callable[[torch.device], Optional[int]]] = None,
+                       lever: Optional[tuple[str, int]] = None):
     """Decide gradient checkpointing for ``module`` at its first forward under autograd (module docstring):
     ``enable()`` or ``disable()`` is called from a forward pre-hook, before any block runs, so that forward
     already follows the decision. Until then checkpointing is on. ``available``: the free-memory reading
-    (``available_bytes``)."""
+    (``available_bytes``). ``lever``: (a setting, the bytes it would free), named in the report when checkpointing
+    stays on for memory -- with whether those bytes would let it go off."""
     enable()
     handle = None
 
@@ -125,6 +127,10 @@ def auto_checkpointing(module: torch.nn.Module, enable: Callable[[], None], disa
                f"{mb(acts)} MB of activations + {mb(OUTPUT_FACTOR * outs)} MB for the outputs' loss + "
                f"{mb(STATE_FACTOR * trainable)} MB of gradients and optimizer states against {mb(free)} MB free "
                f"on {p.device.type}")
+        if on and error is None and free is not None and lever is not None:
+            enough = not checkpointing_needed(acts, trainable, free + lever[1], outs)
+            why += f"; {lever[0]} would free {mb(lever[1])} MB{', enough to turn it off' if enough else ''}"
+            mod._mmalign_checkpointing["lever"] = {"setting": lever[0], "frees_mb": mb(lever[1]), "enough": enough}
         report(f"gradient_checkpointing auto: {'on' if on else 'off'} ({why})")
         return None
 

@@ -27,7 +27,7 @@ from mmalign.diffusion.inputs import PairInputs, ppd_user_tokens
 from mmalign.diffusion.inversion import ddim_invert
 from mmalign.diffusion.online import DiffusionRounds
 from mmalign.diffusion.rl import RL_KINDS
-from mmalign.diffusion.storage import STORAGE_DTYPES, frozen_convs_save_no_input, store_frozen
+from mmalign.diffusion.storage import STORAGE_DTYPES, frozen_convs_save_no_input, storable, store_frozen
 from mmalign.diffusion.models import Components, load_components, place_frozen, tiny_components
 from mmalign.diffusion.users import ClipPreferenceEncoder, add_user_branch, embed_users, user_branch
 from mmalign.eval.sampling import sample_images
@@ -146,13 +146,22 @@ class DiffusionRecipe(RecipeBase):
         # graph) and FSDP / DeepSpeed (sharded weights: memory is what they are for)
         if ckpt == "auto" and not (cfg.model.compile or sharded_engine(self.acc)):
             auto_checkpointing(unet, unet.enable_gradient_checkpointing, unet.disable_gradient_checkpointing,
-                               self.acc.print)
+                               self.acc.print, lever=self._storage_lever(unet))
         elif ckpt:
             unet.enable_gradient_checkpointing()
         unet.to(self.acc.device)
         if cfg.model.channels_last and not self.family.flow:
             unet.to(memory_format=torch.channels_last)
         return unet
+
+    def _storage_lever(self, unet):
+        """For auto checkpointing's report: the next lower model.storage_dtype of a LoRA run (fp32 frozen weights
+        -> bfloat16, 16-bit -> float8_e4m3fn) and the bytes it would free; None where there is none."""
+        if self.cfg.model.lora is None or self.cfg.model.storage_dtype is not None:
+            return None
+        name = {4: "bfloat16", 2: "float8_e4m3fn"}.get(self.dtype.itemsize)
+        frozen = sum(m.weight.numel() * m.weight.element_size() for m in unet.modules() if storable(m))
+        return None if name is None or not frozen else (f"model.storage_dtype={name}", frozen // 2)
 
     def _add_lora(self, unet):
         """LoRA adapters (fp32) on the frozen base, which is kept in model.frozen_dtype -- the diffusers scripts'

@@ -219,7 +219,8 @@ class PolicySource(ModelSource):
     """recompute activations in the backward pass (less memory, ~30 % more compute: a fourth forward per DPO step);
     auto = only where the step would not fit without it, decided at the first trained forward from the bytes it
     saves and the device's free memory (mmalign.models.checkpointing); on under FSDP / DeepSpeed and, for
-    denoisers, with model.compile"""
+    denoisers, with model.compile. Where it stays on, a diffusion LoRA run's report names the model.storage_dtype
+    that would free memory, and whether enough to turn it off"""
 
     def validate(self):
         super().validate()
