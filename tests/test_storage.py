@@ -229,15 +229,17 @@ def test_frozen_convs_save_no_input_and_give_the_same_bits(autocast, checkpointi
 def test_lora_runs_patch_frozen_convs_except_under_compile(tmp_path):
     """The diffusion recipe applies it to a LoRA run's frozen convs; not with model.compile (its partitioner
     already saves only what the backward reads) and not where store_frozen took the layers."""
-    from mmalign.train.diffusion import run
-
-    def patched(r):
-        return sum(getattr(m.forward, "__func__", None) is storage_mod._frozen_conv_forward
-                   for m in r.recipe.unet.modules())
+    from accelerate import Accelerator
 
     from mmalign.diffusion import storage as storage_mod
+    from mmalign.train.diffusion import DiffusionRecipe, run
+
+    def patched(unet):
+        return sum(getattr(m.forward, "__func__", None) is storage_mod._frozen_conv_forward for m in unet.modules())
 
     plain = run(cfg(tmp_path / "a", "train.max_steps=1"), components=tiny_components("sd", seed=0, sample_size=16))
     stored = run(cfg(tmp_path / "b", "train.max_steps=1", "model.storage_dtype=bfloat16"),
                  components=tiny_components("sd", seed=0, sample_size=16))
-    assert patched(plain) > 0 and patched(stored) == 0
+    assert patched(plain.recipe.unet) > 0 and patched(stored.recipe.unet) == 0
+    compiled = DiffusionRecipe(cfg(tmp_path / "c", "model.compile=true"), Accelerator(cpu=True))  # compiles lazily
+    assert compiled.compiled is not None and patched(compiled.unet) == 0

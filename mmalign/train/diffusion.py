@@ -144,7 +144,7 @@ class DiffusionRecipe(RecipeBase):
         ckpt = cfg.model.gradient_checkpointing
         # auto: decided at the first trained forward; on under torch.compile (the deciding hook would break its
         # graph) and FSDP / DeepSpeed (sharded weights: memory is what they are for)
-        if ckpt == "auto" and not (cfg.model.compile or sharded_engine(self.acc)):
+        if ckpt == "auto" and self._eager_unsharded():
             auto_checkpointing(unet, unet.enable_gradient_checkpointing, unet.disable_gradient_checkpointing,
                                self.acc.print, lever=self._storage_lever(unet))
         elif ckpt:
@@ -180,8 +180,13 @@ class DiffusionRecipe(RecipeBase):
         fuse_lora_layers(unet)  # the same bits as peft's forward, fewer dispatched ops per layer
         if self.cfg.model.storage_dtype is not None:
             store_frozen(unet, STORAGE_DTYPES[self.cfg.model.storage_dtype], self.dtype)
-        elif not (self.cfg.model.compile or sharded_engine(self.acc)):  # FSDP / DeepSpeed: their modules alone
+        elif self._eager_unsharded():  # compile's partitioner drops the save itself; FSDP / DeepSpeed: left alone
             frozen_convs_save_no_input(unet)  # the same bits; no saved input the frozen conv's backward never reads
+
+    def _eager_unsharded(self) -> bool:
+        """Neither model.compile nor FSDP / DeepSpeed: where this recipe adds its own hooks and forwards to the
+        denoiser (auto checkpointing's deciding hook, the frozen convs' forward)."""
+        return not (self.cfg.model.compile or sharded_engine(self.acc))
 
     def _use_cache(self):
         """Read latents + text embeddings from data.cache_dir: built before the first step, or filled by the steps
