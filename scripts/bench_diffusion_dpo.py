@@ -26,7 +26,10 @@ mmalign_precomputed once):
                and training loop, loading the same pipeline folder itself, on data nobody has cached (a fresh
                ``data.cache_dir`` every run): the run reads each pair once, so ``data.cache_build=auto`` fills
                the cache while training -- each step encodes the orientation it draws, as the peer does, and
-               keeps it. Only device-bound keys are changed on CPU (fp32, AdamW instead of 8-bit Adam).
+               keeps it. Only device-bound keys are changed on CPU (fp32, AdamW instead of 8-bit Adam). The
+               config's ``model.storage_dtype: auto`` then stores the frozen base in bf16 and computes in fp32
+               (the peer's frozen weights are fp32 there; under bf16 both are bf16 and auto stores nothing):
+               ``--overrides model.storage_dtype=null`` measures the exact fp32 base.
   mmalign      the same config in its steady state: on a complete latent + text cache (what ``auto`` builds
                before training for a run that reads its data more than once; the first repeat builds it,
                ``data.cache_build=before_training``, its time reported as ``cache_build_s``); later repeats reuse

@@ -157,7 +157,7 @@ class DiffusionRecipe(RecipeBase):
     def _storage_lever(self, unet):
         """For auto checkpointing's report: the next lower model.storage_dtype of a LoRA run (fp32 frozen weights
         -> bfloat16, 16-bit -> float8_e4m3fn) and the bytes it would free; None where there is none."""
-        if self.cfg.model.lora is None or self.cfg.model.storage_dtype is not None:
+        if self.cfg.model.lora is None or self.storage is not None:
             return None
         name = {4: "bfloat16", 2: "float8_e4m3fn"}.get(self.dtype.itemsize)
         frozen = sum(m.weight.numel() * m.weight.element_size() for m in unet.modules() if storable(m))
@@ -178,10 +178,18 @@ class DiffusionRecipe(RecipeBase):
                                     target_modules=lo.target_modules or list(self.family.lora_targets)))
         cast_training_params(unet, torch.float32)  # trainable LoRA weights stay fp32 (diffusers' helper)
         fuse_lora_layers(unet)  # the same bits as peft's forward, fewer dispatched ops per layer
-        if self.cfg.model.storage_dtype is not None:
-            store_frozen(unet, STORAGE_DTYPES[self.cfg.model.storage_dtype], self.dtype)
+        if self.storage is not None:
+            store_frozen(unet, self.storage, self.dtype)
         elif self._eager_unsharded():  # compile's partitioner drops the save itself; FSDP / DeepSpeed: left alone
             frozen_convs_save_no_input(unet)  # the same bits; no saved input the frozen conv's backward never reads
+
+    @property
+    def storage(self) -> torch.dtype | None:
+        """model.storage_dtype resolved: auto = bf16 where a LoRA run's frozen base would be fp32, else none."""
+        name = self.cfg.model.storage_dtype
+        if name == "auto":
+            return torch.bfloat16 if self.cfg.model.lora is not None and self.dtype == torch.float32 else None
+        return None if name is None else STORAGE_DTYPES[name]
 
     def _eager_unsharded(self) -> bool:
         """Neither model.compile nor FSDP / DeepSpeed: where this recipe adds its own hooks and forwards to the
@@ -351,8 +359,16 @@ class DiffusionRecipe(RecipeBase):
             f"online: {o.rounds} rounds x {o.steps_per_round} steps, {o.samples} images x "
             f"{len(self.online.source.prompts)} prompts per round, reward {o.reward}")
         return (f"diffusion/{self.cfg.loss.name} {self.comp.kind} ({self.comp.prediction_type}) | {name} {n / 1e6:.2f}M "
-                f"({t / 1e6:.3f}M trainable{', LoRA' if self.cfg.model.lora else ''}) | reference {self.ref_kind} | "
+                f"({t / 1e6:.3f}M trainable{', LoRA' if self.cfg.model.lora else ''}{self._stored_note()}) | "
+                f"reference {self.ref_kind} | "
                 f"beta {self.beta:g} | {data}")
+
+    def _stored_note(self) -> str:
+        """The header's note where the frozen base is stored below its compute dtype (model.storage_dtype)."""
+        if self.storage is None:
+            return ""
+        low, compute = str(self.storage).removeprefix("torch."), str(self.dtype).removeprefix("torch.")
+        return f", frozen base stored {low}, computed {compute}"
 
     # ------------------------------------------------------------------ inputs and scores
 

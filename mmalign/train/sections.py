@@ -408,10 +408,12 @@ class DiffusionModelSection(PolicySource):
     """dtype of every frozen weight -- VAE, text encoders, the reference copy and, under LoRA, the base
     UNet/transformer (LoRA weights stay fp32, as in the diffusers scripts); auto = bf16 / fp16 with
     train.mixed_precision bf16 / fp16, else fp32"""
-    storage_dtype: Optional[Literal["bfloat16", "float16", "float8_e4m3fn"]] = None
+    storage_dtype: Optional[Literal["auto", "bfloat16", "float16", "float8_e4m3fn"]] = None
     """LoRA only: store the frozen Linear / Conv2d weights of the UNet/transformer in this dtype and upcast each
     layer to model.frozen_dtype just for its forward and backward (layer-wise casting that works with gradient
-    checkpointing, mmalign.diffusion.storage); null = store them in model.frozen_dtype"""
+    checkpointing, mmalign.diffusion.storage); null = store them in model.frozen_dtype; auto (the shipped LoRA
+    configs) = bfloat16 where model.frozen_dtype is float32 (train.mixed_precision no), else null -- the frozen
+    base in 16 bits whatever the compute precision, as the diffusers scripts keep it under mixed precision"""
     reference_record: bool = not_in("reference", default=True)
     """with data.cache_dir: keep the reference scores the steps compute there, and read them where a later run
     draws the same noise (same data and train.seed: a sweep over beta, lr, loss or LoRA rank) or an eval repeats
@@ -419,7 +421,7 @@ class DiffusionModelSection(PolicySource):
 
     def validate(self):
         super().validate()
-        if self.storage_dtype is not None and self.lora is None:
+        if self.storage_dtype not in (None, "auto") and self.lora is None:
             raise ConfigError("model.storage_dtype needs model.lora (a full fine-tune has no frozen denoiser weights "
                               "to store low)")
 
