@@ -193,3 +193,15 @@ def test_shipped_diffusion_configs_decide_checkpointing_by_memory():
     assert len(paths) >= 12
     for path in paths:
         assert load_config(path).model.gradient_checkpointing == "auto", path
+
+
+def test_shipped_lora_configs_store_the_frozen_base_in_16_bits():
+    """Differs from the diffusers scripts under --mixed_precision=no (frozen weights fp32): every shipped diffusion
+    LoRA config says model.storage_dtype: auto (an fp32 run's frozen base stored bf16, computed fp32; a bf16 / fp16
+    run's as it is; losses within 2 % of the unquantised run: tests/test_storage.py)."""
+    from mmalign.train.sections import DiffusionConfig
+
+    paths = sorted(p for d in ("sd15", "sd21", "sdxl", "sd35", "flux") for p in (ROOT / "configs" / d).glob("*.yaml"))
+    lora = [c for c in map(load_config, paths) if isinstance(c, DiffusionConfig) and c.model.lora is not None]
+    assert len(lora) >= 12
+    assert all(c.model.storage_dtype == "auto" for c in lora)
