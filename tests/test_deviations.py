@@ -22,6 +22,11 @@ from mmalign.losses import LOSSES
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def shipped_diffusion_configs() -> list[Path]:
+    """The real-model diffusion configs (not tiny / demo)."""
+    return sorted(p for d in ("sd15", "sd21", "sdxl", "sd35", "flux") for p in (ROOT / "configs" / d).glob("*.yaml"))
+
+
 @pytest.mark.parametrize("size", [(61, 40), (40, 61), (37, 37), (100, 45), (33, 90)])
 def test_resize_and_center_crop_match_torchvision_pixel_for_pixel(tmp_path, size):
     """The geometry of the peers' ``Resize(r) + CenterCrop(r)`` on PIL images (the diffusers SD script),
@@ -188,8 +193,7 @@ def test_shipped_diffusion_configs_decide_checkpointing_by_memory():
     """Differs from the peers' fixed flag: every shipped diffusion config, and the Llama LoRA one (TRL turns it on
     by default), says auto (decided from the step's activations and the free memory; the same numbers either way:
     tests/test_checkpointing.py)."""
-    paths = sorted(p for d in ("sd15", "sd21", "sdxl", "sd35", "flux") for p in (ROOT / "configs" / d).glob("*.yaml"))
-    paths.append(ROOT / "configs/lm/llama_lora_dpo.yaml")
+    paths = shipped_diffusion_configs() + [ROOT / "configs/lm/llama_lora_dpo.yaml"]
     assert len(paths) >= 12
     for path in paths:
         assert load_config(path).model.gradient_checkpointing == "auto", path
@@ -201,7 +205,7 @@ def test_shipped_lora_configs_store_the_frozen_base_in_16_bits():
     run's as it is; losses within 2 % of the unquantised run: tests/test_storage.py)."""
     from mmalign.train.sections import DiffusionConfig
 
-    paths = sorted(p for d in ("sd15", "sd21", "sdxl", "sd35", "flux") for p in (ROOT / "configs" / d).glob("*.yaml"))
-    lora = [c for c in map(load_config, paths) if isinstance(c, DiffusionConfig) and c.model.lora is not None]
+    lora = [c for c in map(load_config, shipped_diffusion_configs())
+            if isinstance(c, DiffusionConfig) and c.model.lora is not None]
     assert len(lora) >= 12
     assert all(c.model.storage_dtype == "auto" for c in lora)

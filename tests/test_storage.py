@@ -42,6 +42,11 @@ def loss_and_grads(unet):
     return loss.detach(), x.grad, grads
 
 
+def bound_to(unet, *functions) -> int:
+    """How many of ``unet``'s layers run a forward of ``mmalign.diffusion.storage`` (bound per layer)."""
+    return sum(getattr(m.forward, "__func__", None) in functions for m in unet.modules())
+
+
 def frozen_bytes(unet):
     return sum(p.numel() * p.element_size() for p in unet.parameters() if not p.requires_grad)
 
@@ -247,7 +252,7 @@ def test_lora_runs_patch_frozen_convs_except_under_compile(tmp_path):
     from mmalign.train.diffusion import DiffusionRecipe, run
 
     def patched(unet):
-        return sum(getattr(m.forward, "__func__", None) is storage_mod._frozen_conv_forward for m in unet.modules())
+        return bound_to(unet, storage_mod._frozen_conv_forward)
 
     plain = run(cfg(tmp_path / "a", "train.max_steps=1"), components=tiny_components("sd", seed=0, sample_size=16))
     stored = run(cfg(tmp_path / "b", "train.max_steps=1", "model.storage_dtype=bfloat16"),
@@ -260,16 +265,16 @@ def test_lora_runs_patch_frozen_convs_except_under_compile(tmp_path):
 def test_storage_auto_stores_fp32_runs_in_bf16_and_leaves_16_bit_runs(tmp_path):
     """model.storage_dtype=auto (the shipped LoRA configs): an fp32 run stores its frozen base in bf16 and says
     so in its header, and its losses stay within 2 % of the unquantised run's (measured on the tiny SD run at
-    beta 5000: ln 2 for both at the first step, then 0.2 % and 1.3 % apart: the rounding); under bf16 mixed precision the frozen base is bf16 already and nothing is
-    stored; a full fine-tune (no LoRA) accepts auto and stores nothing."""
+    beta 5000: ln 2 for both at the first step, then 0.2 % and 1.3 % apart: the rounding); under bf16 mixed
+    precision the frozen base is bf16 already and nothing is stored; a full fine-tune (no LoRA) accepts auto and
+    stores nothing."""
     from accelerate import Accelerator
 
     from mmalign.diffusion import storage as storage_mod
     from mmalign.train.diffusion import DiffusionRecipe, run
 
     def stored_layers(unet):
-        return sum(getattr(m.forward, "__func__", None) in (storage_mod._linear_forward, storage_mod._conv_forward)
-                   for m in unet.modules())
+        return bound_to(unet, storage_mod._linear_forward, storage_mod._conv_forward)
 
     exact = run(cfg(tmp_path / "a"), components=tiny_components("sd", seed=0, sample_size=16))
     auto = run(cfg(tmp_path / "b", "model.storage_dtype=auto"), components=tiny_components("sd", seed=0,

@@ -88,13 +88,15 @@ PIECE = 1 << 20
 """Elements per piece of a large stored weight's CPU upcast (4 MB in fp32): see ``_pieces``."""
 
 
-def _pieces(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> list[slice] | None:
+def _pieces(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
+            groups: int = 1) -> list[slice] | None:
     """Output-channel slices of ``weight`` of at most ``PIECE`` elements each, where a stored layer runs piece by
     piece; None where it runs whole. Why: a whole upcast of SD's largest convs (1280 x 1280 x 3 x 3: 59 MB in
     fp32) leaves the cache before the conv reads it back; one piece stays in cache between the two. Measured,
     the 0.86B frozen weights of SD1.5's UNet upcast once in 0.13 s whole and 0.07 s in 1M-element pieces
     (2-core Zen 5). Only where the upcast uses the CPU buffer (``_reuse_scratch``) and the layer is not grouped."""
-    if (weight.dtype == dtype and scale is None) or weight.numel() <= PIECE or not _reuse_scratch(weight):
+    if (groups != 1 or (weight.dtype == dtype and scale is None) or weight.numel() <= PIECE
+            or not _reuse_scratch(weight)):
         return None
     rows = max(1, PIECE // weight[0].numel())
     return [slice(i, i + rows) for i in range(0, weight.shape[0], rows)]
@@ -102,6 +104,15 @@ def _pieces(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
 
 def _part(t: torch.Tensor | None, s: slice) -> torch.Tensor | None:
     return None if t is None else t[s]
+
+
+def _summed(parts) -> torch.Tensor:
+    """The sum of the input-gradient parts of the pieces, each added as it is made (each upcast reuses the buffer
+    the one before used, so the parts must be made one at a time: ``parts`` is a generator)."""
+    total = None
+    for part in parts:
+        total = part if total is None else total.add_(part)
+    return total
 
 
 class _StoredLinear(torch.autograd.Function):
@@ -126,10 +137,7 @@ class _StoredLinear(torch.autograd.Function):
         pieces = _pieces(weight, scale, grad.dtype)
         if pieces is None:
             return grad @ upcast(weight, scale, grad.dtype), None, None, None, None
-        gx = None
-        for s in pieces:
-            part = grad[..., s] @ upcast(weight[s], _part(scale, s), grad.dtype)
-            gx = part if gx is None else gx.add_(part)
+        gx = _summed(grad[..., s] @ upcast(weight[s], _part(scale, s), grad.dtype) for s in pieces)
         return gx, None, None, None, None
 
 
@@ -142,7 +150,7 @@ class _StoredConv2d(torch.autograd.Function):
         ctx.save_for_backward(weight, scale)
         ctx.conf = (x.shape, stride, padding, dilation, groups)
         b = _cast(bias, dtype)
-        pieces = _pieces(weight, scale, dtype) if groups == 1 else None
+        pieces = _pieces(weight, scale, dtype, groups)
         if pieces is None:
             return F.conv2d(x, upcast(weight, scale, dtype), b, stride, padding, dilation, groups)
         return torch.cat([F.conv2d(x, upcast(weight[s], _part(scale, s), dtype), _part(b, s), stride, padding,
@@ -154,15 +162,12 @@ class _StoredConv2d(torch.autograd.Function):
         shape, stride, padding, dilation, groups = ctx.conf
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
-        pieces = _pieces(weight, scale, grad.dtype) if groups == 1 else None
+        pieces = _pieces(weight, scale, grad.dtype, groups)
         if pieces is None:
             return (torch.nn.grad.conv2d_input(shape, upcast(weight, scale, grad.dtype), grad, stride, padding,
                                                dilation, groups),) + (None,) * 8
-        gx = None
-        for s in pieces:
-            part = torch.nn.grad.conv2d_input(shape, upcast(weight[s], _part(scale, s), grad.dtype), grad[:, s],
-                                              stride, padding, dilation)
-            gx = part if gx is None else gx.add_(part)
+        gx = _summed(torch.nn.grad.conv2d_input(shape, upcast(weight[s], _part(scale, s), grad.dtype), grad[:, s],
+                                                stride, padding, dilation) for s in pieces)
         return (gx,) + (None,) * 8
 
 
